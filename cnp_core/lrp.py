@@ -1,0 +1,303 @@
+"""LRP activations and context at a layer (ALGORITHMS.md section 1), through zennit.
+
+The context c(x) at layer L is the LRP message per unit of activation: the relevance at L
+is exactly R = a * c, and c is defined where a = 0 too. zennit's rule hooks hand the
+*relevance* (already multiplied by the layer input) from layer to layer, so c cannot be
+read off the backward tensors as R / a. Instead, the modules that consume a (the next
+convolution, linear or pooling rule) are switched into a *context mode* in which their
+reducer returns sum_i slope_i * g_i (the rule's gradient before the multiplication by its
+input), and a tap on a turns that message back into R = a * c for the layers below, so
+the input heatmap stays the ordinary LRP heatmap.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import COMPOSITES
+from zennit.core import BasicHook, Composite, Hook
+from zennit.rules import Pass
+from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+from zennit.types import Activation
+
+from .errors import InvalidSpec, LayerError
+
+
+def attribution_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with gradients off for parameters.
+
+    zennit canonizers merge BatchNorm into convolutions and can leave merged weights
+    behind, so attribution never runs on the caller's model.
+    """
+    clone = copy.deepcopy(model).eval()
+    for param in clone.parameters():
+        param.requires_grad_(False)
+    return clone
+
+
+def canonizers_for(model: nn.Module) -> list:
+    """zennit canonizers matching a torchvision architecture (BatchNorm merged, residual sums)."""
+    from torchvision.models import VGG, ResNet
+
+    if isinstance(model, ResNet):
+        return [ResNetCanonizer()]
+    if isinstance(model, VGG):
+        return [VGGCanonizer()]
+    return [SequentialMergeBatchNorm()]
+
+
+def make_composite(name: str, model: nn.Module, **options) -> Composite:
+    """The zennit composite registered as ``name`` (e.g. ``epsilon_plus_flat``) with canonizers.
+
+    ``options`` go to the composite (e.g. ``epsilon``, ``stabilizer``).
+    """
+    if name not in COMPOSITES:
+        raise InvalidSpec(f"composite must be one of {', '.join(sorted(COMPOSITES))}, got {name!r}")
+    return COMPOSITES[name](canonizers=canonizers_for(model), **options)
+
+
+# --- context capture -----------------------------------------------------------------
+
+
+def _rule_of(module: nn.Module) -> Hook | None:
+    """The zennit hook a registered composite attached to ``module``, if any."""
+    for fn in module._forward_hooks.values():
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, Hook):
+            return owner
+    return None
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the activation a at layer L; in the backward pass it receives the
+    context c (its consumers run in context mode), records it, and hands a * f(c) down."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, tap: LayerTap) -> torch.Tensor:
+        ctx.tap = tap
+        ctx.save_for_backward(a)
+        return a.clone()  # a fresh tensor: in-place ops downstream must not touch a
+
+    @staticmethod
+    def backward(ctx, context: torch.Tensor):
+        (a,) = ctx.saved_tensors
+        tap: LayerTap = ctx.tap
+        tap.context = context.detach()
+        message = context if tap.transform is None else tap.transform(context)
+        return a * message, None
+
+
+@dataclass
+class LayerTap:
+    """State of one audited layer during one forward/backward pass."""
+
+    name: str
+    activation: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+    node: object = None  # the tap's autograd node in the current graph
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def hook(self, module: nn.Module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise LayerError(f"layer {self.name!r} returns {type(output).__name__}, not a tensor")
+        self.activation = output.detach().clone()
+        tapped = _Tap.apply(output, self)
+        self.node = tapped.grad_fn
+        return tapped
+
+
+def _context_reducer(hook: BasicHook) -> Callable:
+    """The rule's own reducer, fed the input *slopes* instead of the modified inputs.
+
+    For a rule R_in = sum_i m_i(x) * g_i with positively homogeneous input modifiers m_i
+    (identity, clamp(min=0), clamp(max=0): every rule used past the first layer), the
+    message per unit of input is c = sum_i (m_i(s) * s) * g_i with s = sign(x) (+1 at 0),
+    and R_in = x * c exactly. A rule for which that identity fails is refused.
+    """
+    reduce = hook.reducer
+
+    def context(inputs, gradients):
+        x = hook.stored_tensors["input"][0]
+        sign = torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+        slopes = [modifier(sign) * sign for modifier in hook.input_modifiers]
+        message = reduce(slopes, gradients)
+        relevance = reduce(inputs, gradients)
+        scale = relevance.abs().max().clamp(min=1e-12)
+        if (x * message - relevance).abs().max() > 1e-4 * scale:
+            raise LayerError(
+                f"the LRP rule {type(hook).__name__} is not homogeneous in its input, so no "
+                "context can be defined behind it; audit another layer or use another composite"
+            )
+        return message
+
+    return context
+
+
+@dataclass
+class Explanation:
+    """One batch explained from the target logits down to the input."""
+
+    logits: torch.Tensor  # N x classes
+    activations: dict[str, torch.Tensor]  # layer -> a, N x d x H x W (or N x d)
+    contexts: dict[str, torch.Tensor]  # layer -> c, same shape; R = a * c
+    input_relevance: torch.Tensor  # N x C x H x W: the LRP heatmap
+
+
+class Explainer:
+    """LRP of a model with activations and contexts tapped at named layers.
+
+    Use as a context manager; the caller's model is never modified::
+
+        with Explainer(model, ["layer3"]) as explainer:
+            out = explainer.explain(images, targets)
+            relevance = out.activations["layer3"] * out.contexts["layer3"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[str],
+        composite: str = "epsilon_plus_flat",
+        device: str | torch.device = "cpu",
+        **composite_options,
+    ):
+        self.device = torch.device(device)
+        self.model = attribution_copy(model).to(self.device)
+        modules = dict(self.model.named_modules())
+        missing = [name for name in layers if name not in modules or not name]
+        if missing:
+            raise LayerError(_unknown_layer_message(missing[0], list(modules)))
+        self.taps = {name: LayerTap(name) for name in layers}
+        self._tapped_modules = {name: modules[name] for name in layers}
+        self._composite = make_composite(composite, self.model, **composite_options)
+        self._handles: list = []
+        self._consumers_found = False
+        self._inputs: dict[nn.Module, object] = {}  # module -> autograd node of its input
+
+    def __enter__(self) -> Explainer:
+        self._composite.register(self.model)
+        # Registered after the composite's hooks, so they run after them: the taps see
+        # the layer's final output and the recorders see the input zennit prepared.
+        for name, module in self._tapped_modules.items():
+            self._handles.append(module.register_forward_hook(self.taps[name].hook))
+        for module in self.model.modules():
+            if _rule_of(module) is not None:
+                self._handles.append(module.register_forward_pre_hook(self._record_input))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._composite.remove()
+
+    def _record_input(self, module: nn.Module, inputs) -> None:
+        if not self._consumers_found and inputs and isinstance(inputs[0], torch.Tensor):
+            self._inputs[module] = inputs[0].grad_fn
+
+    def _find_consumers(self) -> None:
+        """Switch the rules that read each tapped activation into context mode.
+
+        A consumer is a module with an LRP rule whose input is computed from the tapped
+        activation by rule-free operations only (pooling by max, reshapes). The autograd
+        graph of the first batch tells which modules those are; the structure is static.
+        """
+        rules = {m: _rule_of(m) for m in self._inputs}
+        stops = {node: m for m, node in self._inputs.items() if not isinstance(rules[m], Pass)}
+        activations = {node for m, node in self._inputs.items() if isinstance(m, Activation)}
+        taps = {tap.node: tap.name for tap in self.taps.values()}
+        found: dict[str, list[nn.Module]] = {name: [] for name in self.taps}
+        for module, start in self._inputs.items():
+            if start not in stops:
+                continue
+            reached, other, through_activation = set(), False, False
+            todo, seen = [start], {start}
+            while todo:
+                node = todo.pop()
+                for parent, _ in node.next_functions:
+                    if parent is None or parent in seen:
+                        continue
+                    seen.add(parent)
+                    if parent in taps:
+                        reached.add(taps[parent])
+                    elif parent in stops or not parent.next_functions:
+                        other = True  # another rule's output, or a leaf such as the input
+                    else:
+                        through_activation |= parent in activations
+                        todo.append(parent)
+            if not reached:
+                continue
+            layer = next(iter(reached))
+            if other or len(reached) > 1 or through_activation:
+                raise LayerError(
+                    f"layer {layer!r} cannot be audited: its output reaches the next LRP rule "
+                    + (
+                        "through an activation; audit that activation's output instead"
+                        if through_activation
+                        else "mixed with another branch (e.g. a residual "
+                        "sum); audit a block output or a layer before the merge instead"
+                    )
+                )
+            found[layer].append(module)
+        for layer, consumers in found.items():
+            if not consumers:
+                raise LayerError(
+                    f"layer {layer!r} feeds no later LRP rule (is it the output layer?); "
+                    "audit an inner layer"
+                )
+            for module in consumers:
+                rule = rules[module]
+                if not isinstance(rule, BasicHook):
+                    raise LayerError(f"layer {layer!r} feeds a module without an LRP rule")
+                rule.reducer = _context_reducer(rule)
+        self._consumers_found = True
+        self._inputs.clear()
+
+    def explain(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ) -> Explanation:
+        """Explain the logits ``targets`` (one class index per image) of ``images``.
+
+        ``transforms`` maps a layer to f applied to its context before the relevance
+        a * f(c) continues downwards (e.g. a subspace projection for subspace heatmaps).
+        """
+        for name, tap in self.taps.items():
+            tap.transform = (transforms or {}).get(name)
+        images = images.to(self.device).requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model(images)
+            if not self._consumers_found:
+                self._find_consumers()
+            # The explained quantity is the target logit itself (zennit starts from the
+            # gradient it is handed, which here is the initial relevance).
+            start = torch.zeros_like(logits)
+            rows = torch.arange(len(targets), device=self.device)
+            picked = targets.to(self.device)
+            start[rows, picked] = logits.detach()[rows, picked]
+            (relevance,) = torch.autograd.grad(logits, images, start)
+        explanation = Explanation(
+            logits=logits.detach(),
+            activations={name: tap.activation for name, tap in self.taps.items()},
+            contexts={name: tap.context for name, tap in self.taps.items()},
+            input_relevance=relevance.detach(),
+        )
+        for tap in self.taps.values():
+            tap.activation = tap.context = tap.node = tap.transform = None
+        return explanation
+
+
+def _unknown_layer_message(name: str, valid: list[str]) -> str:
+    valid = [v for v in valid if v]
+    close = difflib.get_close_matches(name, valid, n=5)
+    listed = ", ".join(valid[:40]) + (f" ... ({len(valid)} in all)" if len(valid) > 40 else "")
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"unknown layer {name!r}.{hint} Valid layers: {listed}"

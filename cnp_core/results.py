@@ -1,0 +1,100 @@
+"""What a job returns: typed results, mirrored by the proto ``cnp.v1.AuditReport``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .spec import AuditSpec
+
+
+@dataclass
+class Metric:
+    """A measured value with its bootstrap 95 % interval and, for APs, the base rate.
+
+    The base rate is what a random score achieves (for AP: the positive fraction).
+    ``ci_low``/``ci_high`` equal ``value`` when bootstrapping is disabled.
+    """
+
+    value: float
+    ci_low: float
+    ci_high: float
+    base_rate: float = 0.0
+
+
+@dataclass
+class SubspaceScore:
+    """One row of the concept audit table (ALGORITHMS.md section 3), on the test split."""
+
+    index: int
+    mean_relevance: float
+    ap_attribute: Metric
+    ap_attribute_pos: Metric
+    ap_attribute_neg: Metric
+    ap_class: Metric
+    ap_class_attr: Metric
+    ap_class_no_attr: Metric
+
+
+@dataclass
+class AttributeAudit:
+    """The audit table of one attribute value (one-vs-rest for multi-valued attributes)."""
+
+    attribute: str
+    value: str
+    layer: str
+    n_subspaces: int  # the K this table uses (chosen on the validation split)
+    subspaces: list[SubspaceScore]
+    flagged_subspace: int = -1  # index into subspaces, -1 when none clears the threshold
+    selection_ap: float = 0.0  # best AP_attribute on the validation split (used to choose)
+
+
+@dataclass
+class GroupMetric:
+    """Accuracy of one group: class x attribute value."""
+
+    label: int
+    attribute: str
+    value: str
+    count: int
+    accuracy: Metric
+    too_small: bool = False  # fewer samples than min_group_size: read with care
+
+
+@dataclass
+class Evaluation:
+    """Test-split accuracy of one model, overall and per group."""
+
+    balanced_accuracy: Metric
+    worst_group_accuracy: Metric
+    worst_group: str
+    groups: list[GroupMetric]
+    parameters: int = 0
+    flops: int = 0
+    latency_ms: float = 0.0  # CPU, batch 1, median
+
+
+@dataclass
+class PruningSummary:
+    method: str
+    rate: float
+    filters_total: int
+    filters_removed: int
+    removed: dict[str, list[int]] = field(default_factory=dict)  # conv name -> channel indices
+
+
+@dataclass
+class AuditResult:
+    spec: AuditSpec
+    model_sha256: str
+    dataset_digest: str
+    attributes: list[AttributeAudit]
+    before: Evaluation | None = None
+    after: Evaluation | None = None
+    pruning: PruningSummary | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    versions: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> local path
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,187 @@
+"""What a job asks for: the one spec type, shared by the library, the server and the CLI.
+
+The proto ``cnp.v1.AuditSpec`` mirrors these dataclasses field for field; the server's
+converter is the only place that translates between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InvalidSpec
+
+CONCEPT_METHODS = ("drsa", "prca", "pca", "random", "cav")
+SCORES = ("share", "raw")
+PRUNE_METHODS = ("cnp", "lrp")
+SCHEDULES = ("oneshot", "iterative")
+
+
+@dataclass
+class ModelRef:
+    """A model: a torchvision architecture or an importable factory, plus a weights file."""
+
+    architecture: str = ""  # torchvision name from the allow-list, e.g. "resnet18"
+    factory: str = ""  # "package.module:function", called with num_classes=...
+    weights: str = ""  # .safetensors or a state_dict .pt/.pth (loaded weights_only)
+    num_classes: int = 2
+
+
+@dataclass
+class DatasetRef:
+    """A directory with images and a labels.csv (path, label, split, attribute columns...)."""
+
+    root: str = ""
+    input_size: int = 64
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_pixels: int = 4096 * 4096  # decompression-bomb cap per image
+
+
+@dataclass
+class PruneSpec:
+    """Optional pruning stage: CNP (concept projected out) or vanilla LRP pruning."""
+
+    method: str = "cnp"  # "cnp" | "lrp"
+    rate: float = 0.3  # fraction of prunable filters removed, in (0, 1)
+    schedule: str = "oneshot"  # "oneshot" (PXP) | "iterative" (Yeom: prune, fine-tune, repeat)
+    steps: int = 1  # pruning steps of the iterative schedule
+    finetune_epochs: int = 0  # per step; 0 = no fine-tuning
+    learning_rate: float = 1e-3
+    reference_per_class: int = 32  # reference images per class for the filter scores
+    relearn_subspaces: bool = False  # re-fit the concept basis after each fine-tuning round
+    attribute: str = ""  # which audited attribute to remove; default: the first
+
+    def validate(self, attributes: list[str]) -> None:
+        if self.method not in PRUNE_METHODS:
+            raise InvalidSpec(
+                f"prune.method must be one of {', '.join(PRUNE_METHODS)}, got {self.method!r}"
+            )
+        if not 0.0 < self.rate < 1.0:
+            raise InvalidSpec(f"prune.rate must lie strictly between 0 and 1, got {self.rate}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidSpec(
+                f"prune.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.steps < 1 or self.finetune_epochs < 0 or self.reference_per_class < 1:
+            raise InvalidSpec(
+                "prune.steps and prune.reference_per_class must be >= 1, finetune_epochs >= 0"
+            )
+        if self.schedule == "oneshot" and self.steps != 1:
+            raise InvalidSpec("prune.steps > 1 needs schedule 'iterative'")
+        if self.learning_rate <= 0:
+            raise InvalidSpec("prune.learning_rate must be positive")
+        if self.attribute and self.attribute not in attributes:
+            raise InvalidSpec(
+                f"prune.attribute {self.attribute!r} is not among the audited attributes"
+            )
+
+
+@dataclass
+class AuditSpec:
+    """One audit (and optionally one pruning run) of one model on one dataset."""
+
+    model: ModelRef = field(default_factory=ModelRef)
+    dataset: DatasetRef = field(default_factory=DatasetRef)
+    layers: list[str] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)
+    positive_class: int = 1  # the class suspected of relying on the attribute
+    negative_class: int = -1  # -1: every other class
+    method: str = "drsa"
+    n_subspaces: list[int] = field(default_factory=lambda: [4])  # several K: chosen on val
+    score: str = "share"  # "share" (R_k / sum_j |R_j|) or "raw" (R_k)
+    composite: str = "epsilon_plus_flat"
+    positions_per_image: int = 20
+    fit_images: int = 512  # at most this many positive-class train images fit the basis
+    drsa_restarts: int = 3
+    drsa_max_epochs: int = 2500
+    flag_threshold: float = 0.8  # AP_attribute a subspace must reach to be flagged
+    bootstrap: int = 200  # resamples for confidence intervals; 0 disables them
+    min_group_size: int = 10
+    heatmap_samples: int = 4
+    batch_size: int = 32
+    device: str = "cpu"
+    seed: int = 1
+    prune: PruneSpec | None = None
+
+    def validate(self) -> AuditSpec:
+        """Check every field that can be checked without touching files; return self."""
+        if not self.model.architecture and not self.model.factory:
+            raise InvalidSpec("model: give an architecture name or a factory 'module:function'")
+        if self.model.architecture and self.model.factory:
+            raise InvalidSpec("model: give an architecture or a factory, not both")
+        if self.model.num_classes < 2:
+            raise InvalidSpec(f"model.num_classes must be at least 2, got {self.model.num_classes}")
+        if not self.dataset.root:
+            raise InvalidSpec("dataset.root is required")
+        if not 8 <= self.dataset.input_size <= 1024:
+            raise InvalidSpec(
+                f"dataset.input_size must lie in [8, 1024], got {self.dataset.input_size}"
+            )
+        for name in ("mean", "std"):
+            values = getattr(self.dataset, name)
+            if len(values) != 3:
+                raise InvalidSpec(f"dataset.{name} needs 3 values (R,G,B), got {len(values)}")
+        if any(s <= 0 for s in self.dataset.std):
+            raise InvalidSpec("dataset.std values must be positive")
+        if not self.layers:
+            raise InvalidSpec("layers: name at least one layer to audit")
+        if not self.attributes:
+            raise InvalidSpec("attributes: name at least one attribute column to audit")
+        if self.method not in CONCEPT_METHODS:
+            raise InvalidSpec(
+                f"method must be one of {', '.join(CONCEPT_METHODS)}, got {self.method!r}"
+            )
+        if self.score not in SCORES:
+            raise InvalidSpec(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if not self.n_subspaces or any(k < 1 for k in self.n_subspaces):
+            raise InvalidSpec("n_subspaces: give one or more positive numbers of subspaces")
+        if not 0 <= self.positive_class < self.model.num_classes:
+            raise InvalidSpec(
+                f"positive_class {self.positive_class} is not a class of a "
+                f"{self.model.num_classes}-class model"
+            )
+        if self.negative_class != -1 and not 0 <= self.negative_class < self.model.num_classes:
+            raise InvalidSpec(f"negative_class {self.negative_class} is not a class of the model")
+        if self.negative_class == self.positive_class:
+            raise InvalidSpec("negative_class must differ from positive_class")
+        if not 0.0 < self.flag_threshold <= 1.0:
+            raise InvalidSpec("flag_threshold must lie in (0, 1]")
+        for name in (
+            "positions_per_image",
+            "fit_images",
+            "drsa_restarts",
+            "drsa_max_epochs",
+            "batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise InvalidSpec(f"{name} must be at least 1")
+        if self.bootstrap < 0 or self.min_group_size < 1 or self.heatmap_samples < 0:
+            raise InvalidSpec("bootstrap, heatmap_samples must be >= 0 and min_group_size >= 1")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise InvalidSpec(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.prune is not None:
+            self.prune.validate(self.attributes)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditSpec:
+        data = dict(data)
+        model = ModelRef(**data.pop("model", {}))
+        dataset = data.pop("dataset", {})
+        for key in ("mean", "std"):
+            if key in dataset:
+                dataset[key] = tuple(dataset[key])
+        prune = data.pop("prune", None)
+        try:
+            return cls(
+                model=model,
+                dataset=DatasetRef(**dataset),
+                prune=PruneSpec(**prune) if prune else None,
+                **data,
+            )
+        except TypeError as err:  # unknown field names
+            raise InvalidSpec(f"spec: {err}") from None
