@@ -1,0 +1,186 @@
+"""The concept audit table (ALGORITHMS.md section 3).
+
+Every sample x is scored per subspace k by its subspace relevance R_k(x) (or its share
+R_k / sum_j |R_j|), and each score is read as a detector of the attribute and of the class:
+
+| column          | predicts           | on which samples          |
+| ap_attribute    | attribute present  | all                       |
+| ap_attribute_pos| attribute present  | positive-class samples    |
+| ap_attribute_neg| attribute present  | negative-class samples    |
+| ap_class        | positive class     | all                       |
+| ap_class_attr   | positive class     | samples with the attribute|
+| ap_class_no_attr| positive class     | samples without it        |
+
+A subspace that predicts the attribute but not the class isolates the attribute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .metrics import average_precision
+from .results import AttributeAudit, SubspaceScore
+
+
+def subspace_relevance(
+    activation: torch.Tensor, context: torch.Tensor, basis: np.ndarray
+) -> np.ndarray:
+    """R_k(x) = sum_p (U_k^T a_p)^T (U_k^T c_p) over all positions p, signed: N x K.
+
+    ``activation``/``context``: N x d x H x W (or N x d); ``basis``: d x K x d_k.
+    """
+    d, k, dk = basis.shape
+    u = torch.as_tensor(basis.reshape(d, k * dk), dtype=activation.dtype, device=activation.device)
+    a = activation.reshape(activation.shape[0], d, -1)
+    c = context.reshape(context.shape[0], d, -1)
+    ua = torch.einsum("dm,ndp->nmp", u, a)
+    uc = torch.einsum("dm,ndp->nmp", u, c)
+    per_direction = (ua * uc).sum(-1)  # N x K*d_k
+    return per_direction.reshape(-1, k, dk).sum(-1).double().cpu().numpy()
+
+
+def concept_scores(relevance: np.ndarray, kind: str) -> np.ndarray:
+    """``raw``: R_k(x); ``share``: R_k(x) / sum_j |R_j(x)|, which removes each image's
+    overall class evidence (ALGORITHMS.md section 3, choices that matter)."""
+    if kind == "raw":
+        return relevance
+    total = np.abs(relevance).sum(axis=1, keepdims=True)
+    return relevance / np.where(total > 0, total, 1.0)
+
+
+@dataclass
+class AuditSamples:
+    """The samples one table is computed on (the class pair of one split)."""
+
+    is_positive_class: np.ndarray  # bool, N
+    has_attribute: np.ndarray  # bool, N (one attribute value, one-vs-rest)
+
+
+def audit_table(
+    scores: np.ndarray,
+    relevance: np.ndarray,
+    samples: AuditSamples,
+    *,
+    resamples: int = 0,
+    seed: int = 0,
+) -> list[SubspaceScore]:
+    """The six AP columns (with base rates and bootstrap CIs) for every subspace."""
+    cls, attr = samples.is_positive_class, samples.has_attribute
+    rows = []
+    for k in range(scores.shape[1]):
+        s = scores[:, k]
+
+        def ap(target, mask, s=s):
+            return average_precision(target[mask], s[mask], resamples=resamples, seed=seed)
+
+        everything = np.ones_like(cls)
+        rows.append(
+            SubspaceScore(
+                index=k,
+                mean_relevance=float(relevance[:, k].mean()),
+                ap_attribute=ap(attr, everything),
+                ap_attribute_pos=ap(attr, cls),
+                ap_attribute_neg=ap(attr, ~cls),
+                ap_class=ap(cls, everything),
+                ap_class_attr=ap(cls, attr),
+                ap_class_no_attr=ap(cls, ~attr),
+            )
+        )
+    return rows
+
+
+def best_subspace(table: list[SubspaceScore]) -> tuple[int, float]:
+    """The subspace with the highest AP for the attribute, and that AP (NaN-safe)."""
+    values = np.array([row.ap_attribute.value for row in table], dtype=float)
+    if np.isnan(values).all():
+        return -1, float("nan")
+    k = int(np.nanargmax(values))
+    return k, float(values[k])
+
+
+@dataclass
+class Candidate:
+    """One fitted basis and its per-sample relevance on the validation and test splits."""
+
+    layer: str
+    n_subspaces: int
+    relevance_val: np.ndarray  # N_val x K
+    relevance_test: np.ndarray  # N_test x K
+
+
+def audit_attribute(
+    attribute: str,
+    value: str,
+    candidates: list[Candidate],
+    val: AuditSamples,
+    test: AuditSamples,
+    *,
+    score: str = "share",
+    threshold: float = 0.8,
+    resamples: int = 0,
+    seed: int = 0,
+) -> list[AttributeAudit]:
+    """One table per layer for one attribute value.
+
+    Per layer, K and the flagged subspace are chosen on the validation split; the table
+    and the flag decision use the test split, so the reported AP is not inflated by the
+    choice. A subspace is flagged when its test AP_attribute clears ``threshold``.
+    """
+    by_layer: dict[str, tuple[float, Candidate, int]] = {}
+    for cand in candidates:
+        val_table = audit_table(concept_scores(cand.relevance_val, score), cand.relevance_val, val)
+        k, ap = best_subspace(val_table)
+        best = by_layer.get(cand.layer)
+        if best is None or np.nan_to_num(ap, nan=-1.0) > np.nan_to_num(best[0], nan=-1.0):
+            by_layer[cand.layer] = (ap, cand, k)
+    audits = []
+    for layer, (val_ap, cand, k) in by_layer.items():
+        table = audit_table(
+            concept_scores(cand.relevance_test, score),
+            cand.relevance_test,
+            test,
+            resamples=resamples,
+            seed=seed,
+        )
+        flagged = k if k >= 0 and table[k].ap_attribute.value >= threshold else -1
+        audits.append(
+            AttributeAudit(
+                attribute=attribute,
+                value=value,
+                layer=layer,
+                n_subspaces=cand.n_subspaces,
+                subspaces=table,
+                flagged_subspace=flagged,
+                selection_ap=val_ap,
+            )
+        )
+    return audits
+
+
+def format_table(audit: AttributeAudit) -> str:
+    """A plain-text rendering of one audit table (base rates in parentheses)."""
+    columns = [
+        ("AP_A", "ap_attribute"),
+        ("AP_A+", "ap_attribute_pos"),
+        ("AP_A-", "ap_attribute_neg"),
+        ("AP_cls", "ap_class"),
+        ("AP_cls|A", "ap_class_attr"),
+        ("AP_cls|~A", "ap_class_no_attr"),
+    ]
+    title = (
+        f"{audit.attribute}={audit.value} at {audit.layer}, K={audit.n_subspaces}; "
+        f"flagged: {'S' + str(audit.flagged_subspace + 1) if audit.flagged_subspace >= 0 else 'none'}"
+    )
+    header = f"{'':4}{'mean R':>9}" + "".join(f"{name:>15}" for name, _ in columns)
+    lines = [title, header]
+    for row in audit.subspaces:
+        mark = "*" if row.index == audit.flagged_subspace else " "
+        cells = "".join(
+            f"{getattr(row, field).value:>8.3f} ({getattr(row, field).base_rate:.2f})"
+            for _, field in columns
+        )
+        lines.append(f"S{row.index + 1}{mark} {row.mean_relevance:>9.3g}{cells}")
+    return "\n".join(lines)
