@@ -1,0 +1,126 @@
+"""Streaming passes over a dataset: instances to fit subspaces, and per-image subspace relevance.
+
+Memory is bounded by the instance budget (positions per image x fit images), never by
+the dataset size: the second pass keeps only K numbers per image and basis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .audit import subspace_relevance
+from .errors import Cancelled
+from .lrp import Explainer
+
+Progress = Callable[[float], None]
+
+
+@dataclass
+class Instances:
+    """Matrices A, C in R^{N x d} of sampled positions, and the image each row came from."""
+
+    activations: np.ndarray
+    contexts: np.ndarray
+    image_ids: np.ndarray
+
+
+def sample_positions(
+    activation: torch.Tensor,
+    context: torch.Tensor,
+    image_ids: Iterable[int],
+    per_image: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``per_image`` random spatial positions of every image, seeded by (seed, image id), so
+    the sample does not depend on batching or order. N x d x H x W in, rows out."""
+    n, d = activation.shape[:2]
+    a = activation.reshape(n, d, -1)
+    c = context.reshape(n, d, -1)
+    positions = a.shape[-1]
+    picks = [
+        np.random.default_rng([seed, int(i)]).choice(
+            positions, size=per_image, replace=per_image > positions
+        )
+        for i in image_ids
+    ]
+    index = torch.as_tensor(np.stack(picks), device=a.device)  # n x per_image
+    gather = index[:, None, :].expand(n, d, per_image)
+    rows_a = a.gather(2, gather).permute(0, 2, 1).reshape(-1, d)
+    rows_c = c.gather(2, gather).permute(0, 2, 1).reshape(-1, d)
+    return rows_a.double().cpu().numpy(), rows_c.double().cpu().numpy()
+
+
+def _batches(loader, cancelled: Callable[[], bool] | None, progress: Progress | None):
+    total = max(len(loader), 1)
+    for step, (images, ids) in enumerate(loader):
+        if cancelled is not None and cancelled():
+            raise Cancelled("the job was cancelled")
+        yield images, ids
+        if progress is not None:
+            progress((step + 1) / total)
+
+
+def collect_instances(
+    explainer: Explainer,
+    loader,
+    target: int,
+    *,
+    per_image: int,
+    seed: int,
+    cancelled: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Instances]:
+    """Activations and contexts at every tapped layer, explaining class ``target``."""
+    parts: dict[str, list] = {name: [] for name in explainer.taps}
+    for images, ids in _batches(loader, cancelled, progress):
+        out = explainer.explain(images, torch.full((len(ids),), target))
+        for name in parts:
+            a, c = sample_positions(
+                out.activations[name], out.contexts[name], ids.tolist(), per_image, seed
+            )
+            parts[name].append((a, c, np.repeat(ids.numpy(), per_image)))
+    return {
+        name: Instances(*(np.concatenate(column) for column in zip(*chunks, strict=True)))
+        for name, chunks in parts.items()
+    }
+
+
+@dataclass
+class ScoredImages:
+    """Per-image results of the scoring pass."""
+
+    image_ids: np.ndarray
+    logits: np.ndarray  # N x classes
+    relevance: dict[tuple[str, int], np.ndarray]  # (layer, basis position) -> N x K
+
+
+def collect_relevance(
+    explainer: Explainer,
+    loader,
+    target: int,
+    bases: dict[str, list[np.ndarray]],
+    *,
+    cancelled: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
+) -> ScoredImages:
+    """R_k(x) over all positions for every basis of every layer, explaining ``target``."""
+    ids, logits = [], []
+    relevance: dict[tuple[str, int], list] = {
+        (layer, j): [] for layer, items in bases.items() for j in range(len(items))
+    }
+    for images, batch_ids in _batches(loader, cancelled, progress):
+        out = explainer.explain(images, torch.full((len(batch_ids),), target))
+        ids.append(batch_ids.numpy())
+        logits.append(out.logits.cpu().numpy())
+        for (layer, j), chunks in relevance.items():
+            a, c = out.activations[layer], out.contexts[layer]
+            chunks.append(subspace_relevance(a, c, bases[layer][j]))
+    return ScoredImages(
+        image_ids=np.concatenate(ids),
+        logits=np.concatenate(logits),
+        relevance={key: np.concatenate(chunks) for key, chunks in relevance.items()},
+    )

@@ -1,0 +1,71 @@
+"""Subspace heatmaps: the LRP explanation with the context at L replaced by U_k U_k^T c.
+
+The K subspace heatmaps plus the residue heatmap ((I - U U^T) c) add up to the ordinary
+LRP heatmap, because LRP below L is linear in the relevance handed to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the server has no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .lrp import Explainer  # noqa: E402
+
+
+def _projection(matrix: torch.Tensor):
+    return lambda c: torch.einsum("de,ne...->nd...", matrix.to(c), c)
+
+
+def subspace_heatmaps(
+    explainer: Explainer, images: torch.Tensor, target: int, layer: str, basis: np.ndarray
+) -> np.ndarray:
+    """Heatmaps n x (K + 2) x H x W: the ordinary one, one per subspace, the residue."""
+    d, k, dk = basis.shape
+    u = torch.as_tensor(basis, dtype=torch.float64)
+    targets = torch.full((len(images),), target)
+    maps = [explainer.explain(images, targets).input_relevance]
+    for j in range(k):
+        projector = u[:, j, :] @ u[:, j, :].T
+        maps.append(
+            explainer.explain(images, targets, {layer: _projection(projector)}).input_relevance
+        )
+    flat = u.reshape(d, k * dk)
+    residue = torch.eye(d, dtype=torch.float64) - flat @ flat.T
+    maps.append(explainer.explain(images, targets, {layer: _projection(residue)}).input_relevance)
+    return torch.stack([m.sum(1) for m in maps], 1).cpu().numpy()  # sum over colour channels
+
+
+def save_heatmap_grid(
+    images: np.ndarray, maps: np.ndarray, path: Path, captions: list[str] | None = None
+) -> Path:
+    """One row per image: the image, the ordinary heatmap, each subspace, the residue.
+
+    ``images``: n x H x W x 3 in [0, 1]. Red is positive relevance, blue negative; each row
+    shares one colour scale so subspaces are comparable.
+    """
+    n, columns = maps.shape[:2]
+    titles = ["image", "LRP"] + [f"S{j + 1}" for j in range(columns - 2)] + ["residue"]
+    fig, axes = plt.subplots(n, columns + 1, figsize=(1.6 * (columns + 1), 1.7 * n), squeeze=False)
+    for row in range(n):
+        axes[row, 0].imshow(np.clip(images[row], 0, 1))
+        if captions:
+            axes[row, 0].set_ylabel(captions[row], fontsize=7)
+        scale = np.abs(maps[row]).max() or 1.0
+        for col in range(columns):
+            axes[row, col + 1].imshow(maps[row, col], cmap="bwr", vmin=-scale, vmax=scale)
+        for col, ax in enumerate(axes[row]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(titles[col], fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
