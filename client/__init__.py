@@ -1,0 +1,53 @@
+"""cnp_client: the Python client of the cnp audit service (grpcio + protobuf, no torch)."""
+
+from cnp_core.spec import AuditSpec, DatasetRef, ModelRef, PruneSpec
+
+from .client import (
+    Aborted,
+    AlreadyExists,
+    Artifact,
+    AuditClient,
+    AuditReportView,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    Job,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    Progress,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+    error_for,
+)
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "Artifact",
+    "AuditClient",
+    "AuditReportView",
+    "AuditSpec",
+    "Cancelled",
+    "DatasetRef",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "Job",
+    "ModelRef",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "Progress",
+    "PruneSpec",
+    "ResourceExhausted",
+    "ServiceError",
+    "Unauthenticated",
+    "Unavailable",
+    "error_for",
+]

@@ -1,0 +1,9 @@
+"""cnp_server: the gRPC concept audit service (``cnp-server``).
+
+Importing the package is cheap on purpose: the client imports ``cnp_server.convert``
+(protobuf and dataclasses only), so nothing here may pull in SQLAlchemy, MLflow or torch.
+"""
+
+from cnp_core import __version__
+
+__all__ = ["__version__"]

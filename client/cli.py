@@ -1,0 +1,718 @@
+"""The ``cnp`` command line: run concept audits against a server, as CI gates.
+
+One command submits an audit, follows its progress, writes the canonical JSON report, a
+JUnit file and a Markdown summary, applies the gate rules (:mod:`cnp_client.gates`) and
+exits with a code CI can rely on (:data:`EXIT_CODES_HELP`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from cnp_core.errors import CnpError
+from cnp_core.spec import (
+    CONCEPT_METHODS,
+    PRUNE_METHODS,
+    SCHEDULES,
+    SCORES,
+    AuditSpec,
+    DatasetRef,
+    ModelRef,
+    PruneSpec,
+)
+
+from . import reports
+from .client import AuditClient, Job, Progress, ServiceError
+from .gates import GRAMMAR, GateError, Rule, all_passed, evaluate, parse_rules
+
+EXIT_PASS = 0
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: the job was cancelled
+
+# gRPC codes a user or its configuration causes; retrying will not help. Every other
+# code (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, ABORTED, ...) is an
+# infrastructure failure that a retry may clear.
+BAD_INPUT_CODES = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "FAILED_PRECONDITION",
+        "OUT_OF_RANGE",
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+        "UNIMPLEMENTED",
+    }
+)
+
+EXIT_CODES_HELP = """\
+exit codes (stable; CI relies on them):
+  0  the audit succeeded and every gate passed
+  1  a gate failed (the report, JUnit and summary files are still written)
+  2  bad input or configuration: invalid flags or spec, malformed gate rule, missing
+     token or baseline file; server answers INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
+     FAILED_PRECONDITION, OUT_OF_RANGE, UNAUTHENTICATED, PERMISSION_DENIED,
+     UNIMPLEMENTED; a job that FAILED with one of those codes (e.g. an unreadable file)
+  3  server unavailable or infrastructure failure: UNAVAILABLE, DEADLINE_EXCEEDED,
+     RESOURCE_EXHAUSTED (queue full), INTERNAL, ABORTED, UNKNOWN, DATA_LOSS; a job that
+     FAILED with one of those or was CANCELLED elsewhere; --wait-timeout expired
+  130 interrupted (Ctrl-C or SIGTERM); the running job is cancelled first"""
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+class CliError(Exception):
+    """An error that ends the command with ``exit_code`` and a message on stderr."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def exit_code_for(code: Any) -> int:
+    """The exit code of a gRPC status (a ``grpc.StatusCode``, its name or its number)."""
+    name = _code_name(code)
+    if name == "OK":
+        return EXIT_PASS
+    return EXIT_BAD_INPUT if name in BAD_INPUT_CODES else EXIT_UNAVAILABLE
+
+
+def _code_name(code: Any) -> str:
+    if code is None:
+        return "UNKNOWN"
+    name = getattr(code, "name", None)  # grpc.StatusCode or an enum
+    if isinstance(name, str):
+        return name
+    if isinstance(code, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+        return "UNKNOWN"
+    return str(code).rsplit(".", 1)[-1].upper()
+
+
+# --- arguments ---------------------------------------------------------------------------
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers (a comma list), got {text!r}"
+        ) from None
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument(
+        "--server",
+        default=os.environ.get("CNP_SERVER", DEFAULT_SERVER),
+        metavar="HOST:PORT",
+        help="server address (default: $CNP_SERVER or %(default)s)",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="F",
+        help="bearer token file (default: $CNP_TOKEN, else $CNP_TOKEN_FILE, else "
+        "$CNP_DATA_DIR/token or .cnp/token when present)",
+    )
+    group.add_argument("--ca-cert", metavar="F", help="PEM root certificates: connect with TLS")
+    group.add_argument(
+        "--timeout", type=float, default=30.0, metavar="S", help="deadline of each call (seconds)"
+    )
+    group.add_argument(
+        "--retries", type=int, default=3, metavar="N", help="retries of a call on UNAVAILABLE"
+    )
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("gates and outputs")
+    group.add_argument(
+        "--gate",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="gate rule, e.g. 'max_ap_attribute<=0.8' (repeatable; grammar below)",
+    )
+    group.add_argument(
+        "--baseline-report",
+        metavar="F",
+        help="JSON report of a baseline model for 'baseline' rules",
+    )
+    group.add_argument("--json", metavar="F", help="write the canonical JSON report")
+    group.add_argument("--junit", metavar="F", help="write JUnit XML, one test case per check")
+    group.add_argument("--summary", metavar="F", help="write a Markdown summary for CI pages")
+    group.add_argument("--quiet", action="store_true", help="do not print the tables to stdout")
+
+
+def _audit_options(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    which = model.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="ARCH", help="torchvision architecture, e.g. resnet18")
+    which.add_argument("--factory", metavar="MODULE:FUNCTION", help="importable model factory")
+    model.add_argument("--weights", metavar="FILE", help=".safetensors or state_dict .pt/.pth")
+    model.add_argument("--num-classes", type=int, metavar="N")
+
+    data = parser.add_argument_group("dataset")
+    data.add_argument("--dataset", metavar="DIR", help="directory with images and labels.csv")
+    data.add_argument("--input-size", type=int, metavar="N")
+    data.add_argument("--mean", type=_triple, metavar="R,G,B")
+    data.add_argument("--std", type=_triple, metavar="R,G,B")
+
+    audit = parser.add_argument_group("audit")
+    audit.add_argument("--layer", action="append", default=[], metavar="NAME", help="repeatable")
+    audit.add_argument(
+        "--attribute",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="labels.csv column (repeatable)",
+    )
+    audit.add_argument("--positive-class", type=int, metavar="C")
+    audit.add_argument("--negative-class", type=int, metavar="C", help="-1: every other class")
+    audit.add_argument("--method", choices=CONCEPT_METHODS)
+    audit.add_argument(
+        "--subspaces",
+        type=_int_list,
+        action="append",
+        metavar="K",
+        help="numbers of subspaces to try, e.g. 4 or 2,4,8 (repeatable; chosen on validation)",
+    )
+    audit.add_argument("--score", choices=SCORES)
+    audit.add_argument("--composite", metavar="NAME")
+    audit.add_argument("--flag-threshold", type=float, metavar="AP")
+    audit.add_argument("--bootstrap", type=int, metavar="N", help="resamples; 0 disables CIs")
+    audit.add_argument("--min-group-size", type=int, metavar="N")
+    audit.add_argument("--positions-per-image", type=int, metavar="N")
+    audit.add_argument("--fit-images", type=int, metavar="N")
+    audit.add_argument("--drsa-restarts", type=int, metavar="N")
+    audit.add_argument("--drsa-max-epochs", type=int, metavar="N")
+    audit.add_argument("--heatmap-samples", type=int, metavar="N", help="0: no heatmaps")
+    audit.add_argument("--batch-size", type=int, metavar="N")
+    audit.add_argument("--device", metavar="cpu|cuda[:N]")
+    audit.add_argument("--seed", type=int)
+
+    prune = parser.add_argument_group("pruning")
+    prune.add_argument("--prune", choices=PRUNE_METHODS, help="prune after the audit")
+    prune.add_argument(
+        "--prune-rate", type=float, metavar="R", help="fraction of filters in (0, 1)"
+    )
+    prune.add_argument("--prune-schedule", choices=SCHEDULES)
+    prune.add_argument("--prune-steps", type=int, metavar="N")
+    prune.add_argument("--finetune-epochs", type=int, metavar="N")
+    prune.add_argument("--learning-rate", type=float, metavar="LR")
+    prune.add_argument("--prune-attribute", metavar="NAME", help="attribute to remove")
+    prune.add_argument("--relearn-subspaces", action="store_true", default=None)
+    prune.add_argument("--download-model", metavar="F", help="save the pruned model here")
+
+    job = parser.add_argument_group("job")
+    job.add_argument("--request-id", metavar="ID", help="idempotency key (default: a fresh one)")
+    job.add_argument(
+        "--wait-timeout", type=float, metavar="S", help="cancel and exit 3 after this long"
+    )
+    job.add_argument("--no-progress", action="store_true", help="plain stage lines, no bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="cnp",
+        description="Concept audits and concept-aware pruning against a cnp server.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=formatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    audit = commands.add_parser(
+        "audit",
+        help="submit an audit, wait, write reports, apply gates",
+        epilog=f"{GRAMMAR}\n\n{EXIT_CODES_HELP}",
+        formatter_class=formatter,
+    )
+    _connection_options(audit)
+    _audit_options(audit)
+    _output_options(audit)
+
+    report = commands.add_parser(
+        "report",
+        help="fetch the report of a finished audit, write files, apply gates",
+        epilog=f"{GRAMMAR}\n\n{EXIT_CODES_HELP}",
+        formatter_class=formatter,
+    )
+    report.add_argument("audit_id", metavar="ID")
+    _connection_options(report)
+    _output_options(report)
+    report.add_argument("--download-model", metavar="F", help="save the pruned model here")
+
+    jobs = commands.add_parser(
+        "jobs", help="list recent audits", epilog=EXIT_CODES_HELP, formatter_class=formatter
+    )
+    _connection_options(jobs)
+    jobs.add_argument("--limit", type=int, default=50, metavar="N")
+    jobs.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    watch = commands.add_parser(
+        "watch",
+        help="follow an audit until it ends",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=formatter,
+    )
+    watch.add_argument("audit_id", metavar="ID")
+    _connection_options(watch)
+    watch.add_argument("--no-progress", action="store_true", help="plain stage lines, no bar")
+    watch.add_argument("--wait-timeout", type=float, metavar="S", help="exit 3 after this long")
+
+    cancel = commands.add_parser(
+        "cancel", help="cancel an audit", epilog=EXIT_CODES_HELP, formatter_class=formatter
+    )
+    cancel.add_argument("audit_id", metavar="ID")
+    _connection_options(cancel)
+
+    info = commands.add_parser(
+        "info", help="server version, limits and capabilities", formatter_class=formatter
+    )
+    _connection_options(info)
+    return parser
+
+
+def _absolute(path: str) -> str:
+    """Absolute, user-expanded; the server canonicalises and checks its allowed roots."""
+    return str(Path(path).expanduser().absolute())
+
+
+def spec_from_args(args: argparse.Namespace) -> AuditSpec:
+    """The AuditSpec the flags describe; unset flags keep the library's defaults."""
+
+    def given(**pairs: Any) -> dict[str, Any]:
+        return {key: value for key, value in pairs.items() if value is not None}
+
+    model = ModelRef(
+        **given(
+            architecture=args.model,
+            factory=args.factory,
+            weights=_absolute(args.weights) if args.weights else None,
+            num_classes=args.num_classes,
+        )
+    )
+    dataset = DatasetRef(
+        **given(
+            root=_absolute(args.dataset) if args.dataset else None,
+            input_size=args.input_size,
+            mean=args.mean,
+            std=args.std,
+        )
+    )
+    prune = None
+    if args.prune:
+        prune = PruneSpec(
+            **given(
+                method=args.prune,
+                rate=args.prune_rate,
+                schedule=args.prune_schedule,
+                steps=args.prune_steps,
+                finetune_epochs=args.finetune_epochs,
+                learning_rate=args.learning_rate,
+                attribute=args.prune_attribute,
+                relearn_subspaces=args.relearn_subspaces,
+            )
+        )
+    elif any(
+        value is not None
+        for value in (args.prune_rate, args.prune_schedule, args.prune_steps, args.prune_attribute)
+    ):
+        raise CliError("--prune-rate, --prune-schedule, --prune-steps need --prune cnp|lrp")
+    subspaces = [k for ks in args.subspaces for k in ks] if args.subspaces else None
+    return AuditSpec(
+        model=model,
+        dataset=dataset,
+        layers=list(args.layer),
+        attributes=list(args.attribute),
+        prune=prune,
+        **given(
+            positive_class=args.positive_class,
+            negative_class=args.negative_class,
+            method=args.method,
+            n_subspaces=subspaces,
+            score=args.score,
+            composite=args.composite,
+            flag_threshold=args.flag_threshold,
+            bootstrap=args.bootstrap,
+            min_group_size=args.min_group_size,
+            positions_per_image=args.positions_per_image,
+            fit_images=args.fit_images,
+            drsa_restarts=args.drsa_restarts,
+            drsa_max_epochs=args.drsa_max_epochs,
+            heatmap_samples=args.heatmap_samples,
+            batch_size=args.batch_size,
+            device=args.device,
+            seed=args.seed,
+        ),
+    )
+
+
+# --- gates and outputs -------------------------------------------------------------------
+
+
+@dataclass
+class Gating:
+    """Rules and baseline, checked before anything is sent to the server."""
+
+    rules: list[Rule]
+    baseline: dict[str, Any] | None
+
+
+def _prepare_gates(args: argparse.Namespace, spec: AuditSpec | None = None) -> Gating:
+    try:
+        rules = parse_rules(args.gate)
+    except GateError as err:
+        raise CliError(str(err)) from None
+    baseline = None
+    if args.baseline_report:
+        path = Path(args.baseline_report)
+        try:
+            baseline = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CliError(f"--baseline-report {path}: {err}") from None
+        if not isinstance(baseline, dict):
+            raise CliError(f"--baseline-report {path}: not a JSON report object")
+    for rule in rules:
+        if rule.needs_baseline and baseline is None:
+            raise CliError(f"gate {rule.text!r} compares with a baseline: add --baseline-report F")
+        if spec is not None and rule.needs_after and spec.prune is None:
+            raise CliError(f"gate {rule.text!r} reads the pruned model: add --prune cnp|lrp")
+    return Gating(rules, baseline)
+
+
+def _finish(args: argparse.Namespace, client: AuditClient, audit_id: str, gating: Gating) -> int:
+    """Fetch the report, write every requested file, apply the gates: the exit code."""
+    view = client.report(audit_id)
+    report = view.to_dict()
+    try:
+        checks = evaluate(gating.rules, report, gating.baseline)
+    except GateError as err:
+        raise CliError(str(err)) from None
+    if args.json:
+        reports.write_text(args.json, view.to_json())
+    if args.junit:
+        reports.write_text(args.junit, reports.junit_xml(checks, audit_id=audit_id))
+    if args.summary:
+        reports.write_text(args.summary, reports.markdown_summary(report, checks))
+    if getattr(args, "download_model", None):
+        _download_model(client, audit_id, args.download_model)
+    if not args.quiet:
+        sys.stdout.write(reports.text_summary(report, checks))
+        sys.stdout.flush()
+    return EXIT_PASS if all_passed(checks) else EXIT_GATE_FAILED
+
+
+def _download_model(client: AuditClient, audit_id: str, path: str) -> None:
+    target = client.download_model(audit_id, Path(path).expanduser())
+    print(f"cnp: pruned model written to {target}", file=sys.stderr)
+
+
+# --- progress ----------------------------------------------------------------------------
+
+
+class _Display:
+    """A rich progress bar on a terminal; plain stage lines otherwise (CI logs)."""
+
+    def __init__(self, audit_id: str, plain: bool) -> None:
+        self.audit_id = audit_id
+        self.started = time.monotonic()
+        self.last: tuple[str, str] | None = None
+        self.bar: Any = None
+        if plain or not sys.stderr.isatty():
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:  # rich is optional: the client installs with grpcio alone
+            return
+        self.bar = Progress(
+            TextColumn("[bold]{task.fields[stage]:<12}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.bar.add_task("", total=1.0, stage="queued")
+        self.bar.start()
+
+    def update(self, stage: str, fraction: float, message: str, state: str) -> None:
+        stage = stage or state.lower() or "queued"
+        if self.bar is not None:
+            self.bar.update(
+                self.task, completed=max(0.0, min(fraction, 1.0)), stage=stage, description=message
+            )
+            return
+        if (stage, message) != self.last:  # one line per stage or message, not per tick
+            self.last = (stage, message)
+            elapsed = time.monotonic() - self.started
+            text = f"[{elapsed:6.1f}s] {self.audit_id} {stage}: {fraction:4.0%}"
+            print(f"{text} {message}".rstrip(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+_END = object()
+
+
+def _stream(watch: Callable[[], Iterator[Progress]], items: queue.Queue) -> None:
+    """Move the watch stream into ``items`` (so the main thread stays interruptible)."""
+    try:
+        for item in watch():
+            items.put(item)
+    except Exception as err:  # handed to the main thread, which decides
+        items.put(err)
+    items.put(_END)
+
+
+def _follow(client: AuditClient, audit_id: str, *, plain: bool, wait_timeout: float | None) -> Job:
+    """Show progress until the job ends; return its final Job. Times out with exit 3."""
+    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+    items: queue.Queue = queue.Queue()
+    threading.Thread(
+        target=_stream, args=(lambda: client.watch(audit_id), items), daemon=True
+    ).start()
+    display = _Display(audit_id, plain)
+    try:
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise _gave_up(client, audit_id, wait_timeout)
+            try:
+                item = items.get(timeout=0.2 if remaining is None else min(0.2, remaining))
+            except queue.Empty:
+                continue
+            if item is _END:
+                break
+            if isinstance(item, Exception):
+                if not isinstance(item, ServiceError) or item.code != "UNAVAILABLE":
+                    raise item
+                # The stream broke for good (server restart): the job store still has the job.
+                try:
+                    return client.wait(audit_id, timeout=remaining)
+                except ServiceError as err:
+                    if err.code != "DEADLINE_EXCEEDED" or wait_timeout is None:
+                        raise
+                    raise _gave_up(client, audit_id, wait_timeout) from None
+            display.update(item.stage, item.progress, item.message, item.state)
+    finally:
+        display.close()
+    return client.get(audit_id)
+
+
+def _gave_up(client: AuditClient, audit_id: str, wait_timeout: float) -> CliError:
+    _cancel_quietly(client, audit_id)
+    message = f"audit {audit_id} did not finish within --wait-timeout {wait_timeout:g} s; cancelled"
+    return CliError(message, EXIT_UNAVAILABLE)
+
+
+def _cancel_quietly(client: AuditClient, audit_id: str) -> None:
+    try:
+        client.cancel(audit_id)
+    except Exception as err:  # best effort while giving up
+        print(f"cnp: could not cancel {audit_id}: {err}", file=sys.stderr)
+
+
+def _raise_unless_succeeded(job: Job) -> None:
+    """Exit codes for a job that ended without a report: its stored code decides."""
+    if job.succeeded:
+        return
+    if job.state == "CANCELLED":
+        why = f": {job.error_message}" if job.error_message else ""
+        raise CliError(f"audit {job.id} was cancelled{why}", EXIT_UNAVAILABLE)
+    code = job.error_code or "UNKNOWN"
+    raise CliError(f"audit {job.id} {job.state} ({code}): {job.error_message}", exit_code_for(code))
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> AuditClient:
+    """A client; the token comes from --token-file, else as ``default_token`` finds it."""
+    token_file, source = args.token_file, "--token-file"
+    if not token_file and not os.environ.get("CNP_TOKEN"):
+        token_file, source = os.environ.get("CNP_TOKEN_FILE"), "CNP_TOKEN_FILE"
+    if token_file and not Path(token_file).expanduser().is_file():
+        raise CliError(f"token file not found ({source}): {token_file}")
+    root_certificates = None
+    if args.ca_cert:
+        try:
+            root_certificates = Path(args.ca_cert).expanduser().read_bytes()
+        except OSError as err:
+            raise CliError(f"--ca-cert: {err}") from None
+    return AuditClient(
+        args.server,
+        token_file=args.token_file,
+        root_certificates=root_certificates,
+        timeout=args.timeout,
+        retries=args.retries,
+    )
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    try:
+        spec.validate()
+    except CnpError as err:
+        raise CliError(str(err)) from None
+    gating = _prepare_gates(args, spec)
+    if args.download_model and spec.prune is None:
+        raise CliError("--download-model needs --prune cnp|lrp")
+    client = _client(args)
+    job = client.submit(spec, request_id=args.request_id or uuid.uuid4().hex)
+    audit_id = job.id
+    print(f"cnp: audit {audit_id} submitted to {args.server}", file=sys.stderr)
+    try:
+        job = _follow(client, audit_id, plain=args.no_progress, wait_timeout=args.wait_timeout)
+    except KeyboardInterrupt:
+        print(f"\ncnp: interrupted; cancelling audit {audit_id}", file=sys.stderr)
+        _cancel_quietly(client, audit_id)
+        return EXIT_INTERRUPTED
+    _raise_unless_succeeded(job)
+    return _finish(args, client, audit_id, gating)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    gating = _prepare_gates(args)
+    client = _client(args)
+    return _finish(args, client, args.audit_id, gating)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        job = _follow(client, args.audit_id, plain=args.no_progress, wait_timeout=args.wait_timeout)
+    except KeyboardInterrupt:  # watching only: leave the job running
+        return EXIT_INTERRUPTED
+    _raise_unless_succeeded(job)
+    print(f"audit {args.audit_id} SUCCEEDED")
+    return EXIT_PASS
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = _client(args).cancel(args.audit_id)
+    print(f"audit {job.id}: {job.state}{' (cancel requested)' if job.cancel_requested else ''}")
+    return EXIT_PASS
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    jobs = _client(args).list(page_size=min(args.limit, 100), limit=args.limit)
+    rows = [_job_row(job) for job in jobs]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return EXIT_PASS
+    table = [["ID", "STATE", "STAGE", "PROGRESS", "CREATED", "MESSAGE"]]
+    for row in rows:
+        progress = f"{row['progress']:.0%}"
+        table.append(
+            [row["id"], row["state"], row["stage"], progress, row["created"], row["message"]]
+        )
+    print("\n".join(reports.align(table)))
+    return EXIT_PASS
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    created = job.created.isoformat(timespec="seconds") if job.created else ""
+    message = f"{job.error_code}: {job.error_message}" if job.error_code else job.message
+    return {
+        "id": job.id,
+        "state": job.state,
+        "stage": job.stage,
+        "progress": job.progress,
+        "created": created,
+        "message": message,
+        "mlflow_run_id": job.mlflow_run_id,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    metadata = _client(args).metadata()
+    print(
+        json.dumps(json_format.MessageToDict(metadata, preserving_proto_field_name=True), indent=2)
+    )
+    return EXIT_PASS
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "audit": cmd_audit,
+    "report": cmd_report,
+    "jobs": cmd_jobs,
+    "watch": cmd_watch,
+    "cancel": cmd_cancel,
+    "info": cmd_info,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cnp``; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        return int(exit_.code or 0)
+    # CI runners stop jobs with SIGTERM: treat it like Ctrl-C so the audit is cancelled.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as err:
+        print(f"cnp: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except ServiceError as err:
+        where = f" (audit {err.audit_id})" if err.audit_id else ""
+        print(f"cnp: error{where}: {err.code}: {err.message}", file=sys.stderr)
+        return exit_code_for(err.code)
+    except OSError as err:  # an output path that cannot be written
+        print(f"cnp: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

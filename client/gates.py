@@ -1,0 +1,358 @@
+"""CI gates: rules over the canonical JSON report, in the spirit of MLflow's metric thresholds.
+
+A gate is an absolute limit (``worst_group_accuracy>=0.7``) or a "no worse than a baseline"
+limit (``worst_group_accuracy>=baseline-0.02``, the baseline being a previous JSON report).
+Everything here is a pure function of report dicts, so gates are testable without a server.
+The grammar is :data:`GRAMMAR`; a rule that does not follow it raises :class:`GateError`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+Report = Mapping[str, Any]
+
+# Audit metrics: one check per audited attribute value (and layer).
+# name -> the subspace score whose maximum over the table is compared.
+AUDIT_METRICS = {
+    "max_ap_attribute": "ap_attribute",
+    "max_ap_attribute_pos": "ap_attribute_pos",
+    "max_ap_attribute_neg": "ap_attribute_neg",
+}
+FLAGGED = "flagged"
+# Evaluation metrics, read from `after` when the report has it, else from `before`.
+METRIC_FIELDS = ("balanced_accuracy", "worst_group_accuracy")  # Metric messages
+SCALAR_FIELDS = ("parameters", "flops", "latency_ms")  # plain numbers
+EVALUATION_METRICS = METRIC_FIELDS + SCALAR_FIELDS
+SCOPES = ("before", "after")
+
+GRAMMAR = """\
+gate rule grammar (spaces are ignored):
+  RULE      := [SCOPE "."] METRIC OP REFERENCE
+  SCOPE     := before | after       (evaluation metrics only; default: after when the
+                                      audit pruned, else before)
+  OP        := <= | >= | < | >      (flagged takes == or != with none)
+  REFERENCE := NUMBER
+             | baseline [(+|-|*) NUMBER]   the same metric in --baseline-report
+             | before [(+|-|*) NUMBER]     the same metric before pruning (after.* rules)
+metrics checked once per audited attribute value:
+  max_ap_attribute, max_ap_attribute_pos, max_ap_attribute_neg   (highest AP over subspaces)
+  flagged                                                        (flagged==none, flagged!=none)
+metrics of the evaluated model:
+  balanced_accuracy, worst_group_accuracy, parameters, flops, latency_ms
+examples:
+  max_ap_attribute<=0.8   flagged==none   worst_group_accuracy>=0.7
+  after.balanced_accuracy>=before-0.02   worst_group_accuracy>=baseline-0.02
+  after.parameters<=baseline*0.8"""
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_RULE = re.compile(
+    r"^(?:(?P<scope>[a-z]+)\.)?(?P<metric>[a-z_]+)(?P<op><=|>=|==|!=|<|>)(?P<ref>.+)$"
+)
+_RELATIVE = re.compile(rf"^(?P<base>baseline|before)(?:(?P<how>[-+*])(?P<amount>{_NUMBER}))?$")
+
+
+class GateError(ValueError):
+    """A malformed rule, or one that cannot be evaluated as configured (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a metric is compared with: a number, ``none``, or a baseline/before value."""
+
+    kind: str  # "number" | "none" | "baseline" | "before"
+    amount: float = 0.0  # the number, or the offset/factor applied to the baseline value
+    how: str = ""  # "" | "+" | "-" | "*" (baseline/before only)
+
+    def resolve(self, base: float) -> float:
+        """The threshold: ``base + a``, ``base - a`` or ``base * a`` (``base`` alone)."""
+        if self.how == "+":
+            return base + self.amount
+        if self.how == "-":
+            return base - self.amount
+        if self.how == "*":
+            return base * self.amount
+        return base
+
+    def describe(self, base: float) -> str:
+        suffix = f" {self.how} {self.amount:g}" if self.how else ""
+        return f"{self.kind} {_fmt(base)}{suffix}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One parsed gate rule."""
+
+    text: str
+    metric: str
+    op: str
+    reference: Reference
+    scope: str = ""  # "" (after when present, else before) | "before" | "after"
+
+    @property
+    def is_audit_rule(self) -> bool:
+        """Audit rules are checked once per attribute value; the others once per report."""
+        return self.metric in AUDIT_METRICS or self.metric == FLAGGED
+
+    @property
+    def needs_baseline(self) -> bool:
+        return self.reference.kind == "baseline"
+
+    @property
+    def needs_after(self) -> bool:
+        """True when the rule only makes sense for an audit that pruned."""
+        return self.scope == "after"
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one rule on one attribute value (or on the whole report)."""
+
+    name: str
+    passed: bool
+    observed: float | str | None
+    threshold: float | str | None
+    message: str
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse one rule of :data:`GRAMMAR`; raise :class:`GateError` saying what is accepted."""
+    compact = "".join(text.split())
+    match = _RULE.match(compact)
+    if not match:
+        raise GateError(f"malformed gate rule {text!r}\n{GRAMMAR}")
+    scope, metric, op, ref = match["scope"] or "", match["metric"], match["op"], match["ref"]
+
+    def fail(why: str) -> GateError:
+        return GateError(f"gate rule {text!r}: {why}\n{GRAMMAR}")
+
+    known = (*AUDIT_METRICS, FLAGGED, *EVALUATION_METRICS)
+    if metric not in known:
+        raise fail(f"unknown metric {metric!r}")
+    if scope and scope not in SCOPES:
+        raise fail(f"unknown scope {scope!r}: use before. or after.")
+    if scope and metric not in EVALUATION_METRICS:
+        raise fail(f"{metric} is an audit metric; before./after. apply to evaluation metrics")
+    if metric == FLAGGED:
+        if op not in ("==", "!=") or ref != "none":
+            raise fail("flagged takes ==none or !=none")
+        return Rule(compact, metric, op, Reference("none"), scope)
+    if op not in _OPS:
+        raise fail(f"{metric} takes one of {' '.join(_OPS)}")
+    if re.fullmatch(_NUMBER, ref):
+        return Rule(compact, metric, op, Reference("number", float(ref)), scope)
+    relative = _RELATIVE.match(ref)
+    if not relative:
+        raise fail(f"cannot read the reference {ref!r}")
+    kind = relative["base"]
+    if kind == "before" and (scope != "after" or metric not in EVALUATION_METRICS):
+        raise fail("'before' is a reference only for after.<metric> rules")
+    amount = float(relative["amount"]) if relative["amount"] else 0.0
+    return Rule(compact, metric, op, Reference(kind, amount, relative["how"] or ""), scope)
+
+
+def parse_rules(texts: Iterable[str]) -> list[Rule]:
+    return [parse_rule(text) for text in texts]
+
+
+def evaluate(
+    rules: Iterable[Rule | str], report: Report, baseline: Report | None = None
+) -> list[Check]:
+    """Apply every rule to ``report``: one check per attribute value for audit rules.
+
+    A value that was not measured (missing or NaN) fails its check: a gate fails closed.
+    """
+    checks: list[Check] = []
+    for rule in rules:
+        rule = parse_rule(rule) if isinstance(rule, str) else rule
+        if rule.needs_baseline and baseline is None:
+            raise GateError(
+                f"gate rule {rule.text!r} compares with a baseline: give a baseline report"
+            )
+        if rule.is_audit_rule:
+            checks.extend(_audit_checks(rule, report, baseline))
+        else:
+            checks.append(_evaluation_check(rule, report, baseline))
+    return checks
+
+
+def all_passed(checks: Iterable[Check]) -> bool:
+    return all(check.passed for check in checks)
+
+
+# --- audit rules -------------------------------------------------------------------------
+
+
+def _audit_key(audit: Report) -> tuple[str, str, str]:
+    return (
+        str(audit.get("attribute", "")),
+        str(audit.get("value", "")),
+        str(audit.get("layer", "")),
+    )
+
+
+def _audit_checks(rule: Rule, report: Report, baseline: Report | None) -> list[Check]:
+    audits = list(report.get("attributes") or [])
+    if not audits:
+        return [
+            Check(rule.text, False, None, _threshold_label(rule), "the report has no audit table")
+        ]
+    several_layers = len({_audit_key(a)[2] for a in audits}) > 1
+    baseline_audits = {_audit_key(a): a for a in (baseline or {}).get("attributes") or []}
+    checks = []
+    for audit in audits:
+        attribute, value, layer = _audit_key(audit)
+        where = f"{attribute}={value}" + (f", {layer}" if several_layers else "")
+        name = f"{rule.text} [{where}]"
+        if rule.metric == FLAGGED:
+            checks.append(_flagged_check(rule, name, where, audit))
+            continue
+        observed = _max_ap(audit, AUDIT_METRICS[rule.metric])
+        base = None
+        if rule.needs_baseline:
+            counterpart = baseline_audits.get(_audit_key(audit))
+            if counterpart is None:
+                checks.append(
+                    Check(
+                        name,
+                        False,
+                        observed,
+                        None,
+                        f"{where}: the baseline report has no audit of it",
+                    )
+                )
+                continue
+            base = _max_ap(counterpart, AUDIT_METRICS[rule.metric])
+        checks.append(_compare(rule, name, f"{where}: {rule.metric}", observed, base))
+    return checks
+
+
+def _max_ap(audit: Report, score: str) -> float | None:
+    values = [metric_value(s.get(score)) for s in audit.get("subspaces") or []]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return max(finite) if finite else None
+
+
+def _flagged_check(rule: Rule, name: str, where: str, audit: Report) -> Check:
+    # proto3 JSON omits a zero int32: a missing flagged_subspace is subspace 0.
+    index = int(as_number(audit.get("flagged_subspace", 0)) or 0)
+    observed = "none" if index < 0 else f"S{index}"
+    is_none = index < 0
+    passed = is_none if rule.op == "==" else not is_none
+    if is_none:
+        message = f"{where}: no subspace flagged"
+    else:
+        ap = metric_value(_subspace(audit, index).get("ap_attribute"))
+        message = f"{where}: subspace S{index} flagged (AP_attribute {_fmt(ap)})"
+    return Check(name, passed, observed, f"{rule.op}none", message)
+
+
+def _subspace(audit: Report, index: int) -> Report:
+    for position, subspace in enumerate(audit.get("subspaces") or []):
+        if int(as_number(subspace.get("index", position)) or 0) == index:
+            return subspace
+    return {}
+
+
+# --- evaluation rules --------------------------------------------------------------------
+
+
+def _evaluation(report: Report, scope: str) -> tuple[str, Report | None]:
+    if not scope:
+        scope = "after" if report.get("after") else "before"
+    return scope, report.get(scope) or None
+
+
+def _evaluation_value(evaluation: Report, metric: str) -> float | None:
+    if metric in METRIC_FIELDS:
+        return metric_value(evaluation.get(metric))
+    # proto3 JSON omits zero scalars (and writes int64 as strings).
+    return as_number(evaluation.get(metric, 0))
+
+
+def _evaluation_check(rule: Rule, report: Report, baseline: Report | None) -> Check:
+    scope, evaluation = _evaluation(report, rule.scope)
+    if evaluation is None:
+        why = "the audit did not prune" if scope == "after" else "the model was not evaluated"
+        return Check(
+            rule.text, False, None, _threshold_label(rule), f"no '{scope}' evaluation: {why}"
+        )
+    observed = _evaluation_value(evaluation, rule.metric)
+    base = None
+    if rule.reference.kind == "before":
+        before = report.get("before") or {}
+        base = _evaluation_value(before, rule.metric) if before else None
+    elif rule.needs_baseline:
+        base_scope, base_evaluation = _evaluation(baseline or {}, rule.scope)
+        if base_evaluation is None:
+            message = f"the baseline report has no '{base_scope}' evaluation"
+            return Check(rule.text, False, observed, None, message)
+        base = _evaluation_value(base_evaluation, rule.metric)
+    return _compare(rule, rule.text, f"{scope}.{rule.metric}", observed, base)
+
+
+# --- shared ------------------------------------------------------------------------------
+
+
+def _compare(
+    rule: Rule, name: str, label: str, observed: float | None, base: float | None
+) -> Check:
+    ref = rule.reference
+    if ref.kind == "number":
+        threshold, source = ref.amount, ""
+    elif base is None or not math.isfinite(base):
+        return Check(name, False, observed, None, f"{label}: the {ref.kind} value was not measured")
+    else:
+        threshold, source = ref.resolve(base), f" ({ref.describe(base)})"
+    if observed is None or not math.isfinite(observed):
+        return Check(name, False, observed, threshold, f"{label} was not measured")
+    passed = _OPS[rule.op](observed, threshold)
+    verdict = "" if passed else "needs "
+    message = f"{label} = {_fmt(observed)}, {verdict}{rule.op} {_fmt(threshold)}{source}"
+    return Check(name, passed, observed, threshold, message)
+
+
+def _threshold_label(rule: Rule) -> float | str:
+    ref = rule.reference
+    if ref.kind == "number":
+        return ref.amount
+    return rule.text[rule.text.index(rule.op) :]
+
+
+def as_number(value: Any) -> float | None:
+    """A JSON number, or the string the proto JSON mapping uses (int64, "NaN", "Infinity")."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def metric_value(metric: Mapping[str, Any] | None) -> float | None:
+    """The value of a Metric message; None when the message is absent (not measured).
+
+    proto3 JSON omits zero fields, so a present message without "value" holds 0.0.
+    """
+    if metric is None:
+        return None
+    return as_number(metric.get("value", 0))
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if math.isfinite(value) and value == int(value) and abs(value) >= 1000:
+        return f"{int(value):d}"
+    return f"{value:.4g}" if abs(value) >= 1 else f"{value:.3f}"

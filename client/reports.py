@@ -1,0 +1,328 @@
+"""What the CLI writes: the canonical JSON report, JUnit XML, a Markdown summary, a text table.
+
+Every function reads the report as the dict of its canonical JSON (the proto JSON mapping,
+field names preserved), so reports from a file and from the server render the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .gates import Check, as_number, metric_value
+
+Report = Mapping[str, Any]
+
+# (JSON field, Markdown header, text header) of the audit table's AP columns (ALGORITHMS.md §3).
+AP_COLUMNS = (
+    ("ap_attribute", "AP attribute", "AP_A"),
+    ("ap_attribute_pos", "AP attribute (pos. class)", "AP_A+"),
+    ("ap_attribute_neg", "AP attribute (neg. class)", "AP_A-"),
+    ("ap_class", "AP class", "AP_cls"),
+    ("ap_class_attr", "AP class (with attribute)", "AP_cls|A"),
+    ("ap_class_no_attr", "AP class (without attribute)", "AP_cls|~A"),
+)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path``, creating parent directories; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    return path
+
+
+# --- JUnit -------------------------------------------------------------------------------
+
+
+def junit_xml(checks: Sequence[Check], *, audit_id: str = "", suite: str = "cnp.gates") -> str:
+    """A JUnit XML document: one test case per gated check, failures carry the message."""
+    failures = sum(not check.passed for check in checks)
+    counts = {"tests": str(len(checks)), "failures": str(failures), "errors": "0"}
+    root = ET.Element("testsuites", {"name": "cnp", **counts})
+    suite_el = ET.SubElement(root, "testsuite", {"name": suite, **counts, "skipped": "0"})
+    if audit_id:
+        properties = ET.SubElement(suite_el, "properties")
+        ET.SubElement(properties, "property", {"name": "audit_id", "value": audit_id})
+    for check in checks:
+        case = ET.SubElement(suite_el, "testcase", {"classname": suite, "name": check.name})
+        detail = f"observed: {_plain(check.observed)}\nthreshold: {_plain(check.threshold)}"
+        if check.passed:
+            ET.SubElement(case, "system-out").text = f"{check.message}\n{detail}"
+        else:
+            failure = ET.SubElement(
+                case, "failure", {"message": check.message, "type": "GateFailed"}
+            )
+            failure.text = detail
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+# --- Markdown ----------------------------------------------------------------------------
+
+
+def markdown_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
+    """A CI-page summary: gates, the audit table per attribute value, groups, timings."""
+    lines = [f"## cnp audit `{report.get('audit_id', '?')}`{_verdict(checks)}", ""]
+    identity = [
+        f"model sha256 `{report['model_sha256']}`" if report.get("model_sha256") else "",
+        f"dataset digest `{report['dataset_digest']}`" if report.get("dataset_digest") else "",
+    ]
+    if any(identity):
+        lines += [" · ".join(part for part in identity if part), ""]
+    if _pruning(report):
+        lines += [f"Pruning: {_pruning(report)}.", ""]
+    if checks:
+        lines += [
+            "### Gates",
+            "",
+            "| | Gate | Observed | Threshold | Detail |",
+            "|---|---|---|---|---|",
+        ]
+        for check in checks:
+            mark = "✅" if check.passed else "❌"
+            cells = [mark, f"`{check.name}`", _plain(check.observed), _plain(check.threshold)]
+            lines.append(_md_row([*cells, check.message]))
+        lines.append("")
+    for audit in report.get("attributes") or []:
+        lines += _markdown_audit(audit)
+    lines += _markdown_groups(report)
+    timings = report.get("timings") or {}
+    if timings:
+        lines += ["### Timings", "", "| Stage | Seconds |", "|---|---:|"]
+        lines += [_md_row([stage, f"{as_number(s) or 0:.1f}"]) for stage, s in timings.items()]
+        total = sum(as_number(s) or 0 for s in timings.values())
+        lines += [_md_row(["**total**", f"**{total:.1f}**"]), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _markdown_audit(audit: Report) -> list[str]:
+    flagged = _flagged(audit)
+    title = f"### Concept audit: {audit.get('attribute', '?')} = {audit.get('value', '?')}"
+    context = f"layer `{audit.get('layer', '?')}`, K = {audit.get('n_subspaces', '?')}"
+    flag_text = f"flagged subspace **S{flagged}** ⚑" if flagged >= 0 else "no subspace flagged"
+    header = ["Subspace", "Mean relevance", *(md for _, md, _ in AP_COLUMNS)]
+    lines = [
+        title,
+        "",
+        f"{context}; {flag_text}. Cells: AP [95 % CI] (base rate).",
+        "",
+        _md_row(header),
+        "|" + "---|" * len(header),
+    ]
+    for position, subspace in enumerate(audit.get("subspaces") or []):
+        index = _index(subspace, position)
+        name = f"**S{index} ⚑**" if index == flagged else f"S{index}"
+        cells = [name, _value(subspace.get("mean_relevance"))]
+        cells += [_metric(subspace.get(key), base_rate=True) for key, _, _ in AP_COLUMNS]
+        lines.append(_md_row(cells))
+    return [*lines, ""]
+
+
+def _markdown_groups(report: Report) -> list[str]:
+    before, after = report.get("before") or {}, report.get("after") or {}
+    if not before and not after:
+        return []
+    columns = ["Before", "After", "Change"] if after else ["Accuracy"]
+    lines = ["### Accuracy per group", "", _md_row(["Group", "n", *columns])]
+    lines.append("|---|---:|" + "---|" * len(columns))
+    small = False
+    for key, (group_before, group_after) in _paired_groups(before, after).items():
+        group = group_before or group_after
+        too_small = bool(group.get("too_small"))
+        small |= too_small
+        count = f"{int(as_number(group.get('count', 0)) or 0)}" + (" ⚠" if too_small else "")
+        cells = [key, count, _metric((group_before or {}).get("accuracy"))]
+        if after:
+            accuracy_after = (group_after or {}).get("accuracy")
+            cells += [_metric(accuracy_after), _change(group_before, group_after)]
+        lines.append(_md_row(cells))
+    for field, label in (
+        ("balanced_accuracy", "Balanced accuracy"),
+        ("worst_group_accuracy", "Worst group"),
+    ):
+        cells = [f"**{label}**", "", _metric(before.get(field))]
+        if after:
+            cells += [_metric(after.get(field)), _change(before, after, field)]
+        lines.append(_md_row(cells))
+    worst = [e.get("worst_group", "") for e in (before, after) if e]
+    if any(worst):
+        lines.append(_md_row(["worst group is", "", *worst, *([""] if after else [])]))
+    for field, label in (
+        ("parameters", "Parameters"),
+        ("flops", "FLOPs"),
+        ("latency_ms", "Latency (ms)"),
+    ):
+        values = [as_number(e.get(field, 0)) or 0 for e in (before, after) if e]
+        if any(values):
+            lines.append(
+                _md_row([label, "", *(_count(v) for v in values), *([""] if after else [])])
+            )
+    if small:
+        lines += ["", "⚠ fewer samples than the minimum group size: read with care."]
+    return [*lines, ""]
+
+
+# --- plain text (stdout) -----------------------------------------------------------------
+
+
+def text_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
+    """The same content as the Markdown summary, as aligned plain text for a terminal."""
+    lines = [f"audit {report.get('audit_id', '?')}{_verdict(checks)}"]
+    if _pruning(report):
+        lines.append(f"pruning: {_pruning(report)}")
+    for audit in report.get("attributes") or []:
+        flagged = _flagged(audit)
+        lines += [
+            "",
+            f"{audit.get('attribute', '?')}={audit.get('value', '?')}  layer {audit.get('layer', '?')}"
+            f"  K={audit.get('n_subspaces', '?')}  flagged: {f'S{flagged}' if flagged >= 0 else 'none'}"
+            "   (AP with base rate)",
+        ]
+        rows = [["  subspace", "relevance", *(text for _, _, text in AP_COLUMNS)]]
+        for position, subspace in enumerate(audit.get("subspaces") or []):
+            index = _index(subspace, position)
+            cells = [
+                f"  S{index}{' *' if index == flagged else ''}",
+                _value(subspace.get("mean_relevance")),
+            ]
+            cells += [
+                _metric(subspace.get(key), ci=False, base_rate=True) for key, _, _ in AP_COLUMNS
+            ]
+            rows.append(cells)
+        lines += align(rows)
+    before, after = report.get("before") or {}, report.get("after") or {}
+    if before or after:
+        rows = [["  group", "n", "before", *(["after"] if after else [])]]
+        for key, (group_before, group_after) in _paired_groups(before, after).items():
+            group = group_before or group_after
+            count = f"{int(as_number(group.get('count', 0)) or 0)}{'!' if group.get('too_small') else ''}"
+            cells = [f"  {key}", count, _metric((group_before or {}).get("accuracy"), ci=False)]
+            if after:
+                cells.append(_metric((group_after or {}).get("accuracy"), ci=False))
+            rows.append(cells)
+        for field, label in (
+            ("balanced_accuracy", "balanced accuracy"),
+            ("worst_group_accuracy", "worst group"),
+        ):
+            rows.append(
+                [f"  {label}", "", *(_metric(e.get(field), ci=False) for e in (before, after) if e)]
+            )
+        lines += ["", *align(rows)]
+        if any(g.get("too_small") for e in (before, after) for g in e.get("groups") or []):
+            lines.append("  ! fewer samples than the minimum group size")
+    if checks:
+        passed = sum(check.passed for check in checks)
+        lines += ["", f"gates: {passed}/{len(checks)} passed"]
+        lines += align([["  PASS" if c.passed else "  FAIL", c.name, c.message] for c in checks])
+    return "\n".join(lines) + "\n"
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _verdict(checks: Sequence[Check] | None) -> str:
+    if not checks:
+        return ""
+    failed = sum(not check.passed for check in checks)
+    return (
+        f": FAILED ({failed} of {len(checks)} gates)"
+        if failed
+        else f": PASSED ({len(checks)} gates)"
+    )
+
+
+def _pruning(report: Report) -> str:
+    """ "cnp at rate 0.30: 120 of 400 filters removed", or "" when nothing was pruned."""
+    pruning = report.get("pruning") or {}
+    total = int(as_number(pruning.get("filters_total", 0)) or 0)
+    if not pruning.get("method") or not total:
+        return ""
+    removed = int(as_number(pruning.get("filters_removed", 0)) or 0)
+    rate = as_number(pruning.get("rate", 0)) or 0.0
+    return f"{pruning['method']} at rate {rate:.2f}: {removed} of {total} filters removed"
+
+
+def _flagged(audit: Report) -> int:
+    # proto3 JSON omits a zero int32: a missing flagged_subspace is subspace 0.
+    return int(as_number(audit.get("flagged_subspace", 0)) or 0)
+
+
+def _index(subspace: Report, position: int) -> int:
+    return int(as_number(subspace.get("index", position)) or 0)
+
+
+def _paired_groups(before: Report, after: Report) -> dict[str, tuple[Report | None, Report | None]]:
+    """Groups keyed by "class L, attribute=value", matching before and after."""
+    paired: dict[str, list[Report | None]] = {}
+    for slot, evaluation in enumerate((before, after)):
+        for group in evaluation.get("groups") or []:
+            label = int(as_number(group.get("label", 0)) or 0)
+            key = f"class {label}, {group.get('attribute', '?')}={group.get('value', '?')}"
+            paired.setdefault(key, [None, None])[slot] = group
+    return {key: (pair[0], pair[1]) for key, pair in paired.items()}
+
+
+def _metric(metric: Mapping[str, Any] | None, *, ci: bool = True, base_rate: bool = False) -> str:
+    """``0.912 [0.880–0.940] (0.500)``: value, 95 % interval when bootstrapped, base rate."""
+    if metric is None:
+        return "–"
+    value = metric_value(metric)
+    text = _value(value)
+    low = as_number(metric.get("ci_low", 0)) or 0.0
+    high = as_number(metric.get("ci_high", 0)) or 0.0
+    # No interval when bootstrapping was off (bounds == value) or not sent (bounds == 0).
+    interval = (
+        math.isfinite(low) and math.isfinite(high) and (low, high) not in ((value, value), (0, 0))
+    )
+    if ci and interval:
+        text += f" [{low:.3f}–{high:.3f}]"
+    if base_rate:
+        text += f" ({as_number(metric.get('base_rate', 0)) or 0:.2f})"
+    return text
+
+
+def _change(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None, field: str = "accuracy"
+) -> str:
+    old = metric_value((before or {}).get(field))
+    new = metric_value((after or {}).get(field))
+    if old is None or new is None or not (math.isfinite(old) and math.isfinite(new)):
+        return "–"
+    return f"{new - old:+.3f}"
+
+
+def _value(value: Any) -> str:
+    number = as_number(value if value is not None else 0)
+    if number is None:
+        return "–"
+    return "NaN" if math.isnan(number) else f"{number:.3f}"
+
+
+def _count(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e3 and value == int(value):
+        return f"{value / 1e3:.1f} k"
+    return f"{value:g}"
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _md_row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
+def align(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines with left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]

@@ -1,0 +1,603 @@
+"""The seed's comparison on the synthetic watermark benchmark: unpruned vs vanilla LRP
+pruning vs CNP, over pruning rates and seeds (ALGORITHMS.md section 4, evaluation).
+
+For every seed: learn the concept projection at the audited layer (DRSA on positive-class
+training images explaining that class, the watermark subspace flagged on the validation
+split; or a CAV probe), then prune the same model at every rate with both methods (same
+seeded reference set, same schedule), and evaluate on the group-balanced test split.
+Writes ``rows.csv`` (one row per run), ``summary.csv`` and ``summary.md`` (mean ± std over
+seeds, with the best matched rate) and the seed's two plots: balanced accuracy and the
+"other class + attribute" group's accuracy vs pruning rate.
+
+    python -m cnp_core.experiment --output .cnp/experiment --seeds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .audit import AuditSamples, Candidate, audit_attribute, format_table
+from .collect import collect_instances, collect_relevance
+from .errors import NoFlaggedSubspace
+from .evaluation import evaluate, find_group
+from .lrp import Explainer
+from .pruning import Projection, fold_projection, prune, reference_indices
+from .results import AttributeAudit
+from .spec import ModelRef, PruneSpec
+from .subspaces import fit_subspaces
+
+METHODS = ("lrp", "cnp")
+
+
+@dataclass
+class Split:
+    """One split of the benchmark in memory: normalised images, labels, attribute values."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    attribute: np.ndarray  # str values as in labels.csv
+
+
+@dataclass
+class ExperimentConfig:
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+    # Defaults: the configuration measured to work on the 32 px benchmark (see summary.md):
+    # Yeom's schedule with gentle fine-tuning, the projection kept in the CNP model, the
+    # concept learned at layer1 (8x8 positions; layer2 has only 4x4 at 32 px).
+    schedule: str = "iterative"
+    steps: int = 2
+    finetune_epochs: int = 1
+    learning_rate: float = 1e-4
+    reference_per_class: int = 32
+    relearn: bool = False
+    keep_projection: bool = True  # deploy CNP with P folded into the next layer
+    concept: str = "drsa"  # "drsa" or "cav"
+    n_subspaces: tuple[int, ...] = (4,)
+    layer: str = "layer1"  # "": the benchmark's default audited layer
+    positions_per_image: int = 20
+    drsa_max_epochs: int = 500
+    composite: str = "epsilon_plus_flat"
+    benchmark_seed: int = 0
+    correlation: float = 0.95
+    present: str = "1"  # the attribute value whose subspace is removed
+    batch_size: int = 32
+    min_group_size: int = 10
+    device: str = "cpu"
+    benchmark: str = ""  # the cache entry used (filled in by run_experiment)
+
+
+@dataclass
+class ConceptFit:
+    """The projection CNP uses, and the evidence it was chosen on."""
+
+    projection: Projection
+    audit: AttributeAudit
+    seconds: float
+
+    @property
+    def ap_attribute(self) -> float:
+        return self.audit.subspaces[self.audit.flagged_subspace].ap_attribute.value
+
+
+@dataclass
+class Row:
+    seed: int
+    method: str  # "none" (unpruned), "projected" (unpruned, P folded in), "lrp" or "cnp"
+    rate: float
+    balanced_accuracy: float
+    other_attribute: float  # accuracy of the other class with the attribute (seed's "Dugong + WM")
+    positive_without: float  # accuracy of the positive class without the attribute
+    worst_group: float
+    filters_removed: int = 0
+    parameters: int = 0
+    macs: int = 0
+    flagged_ap: float = float("nan")
+    seconds: float = 0.0
+
+
+def load_benchmark(config: ExperimentConfig):
+    """The cached watermark benchmark, its model (through the real loading path) and splits."""
+    from .references import load_model
+    from .synthetic import ensure_benchmark, load_split
+
+    bench = ensure_benchmark(seed=config.benchmark_seed, correlation=config.correlation)
+    model = load_model(
+        ModelRef(
+            architecture=bench.architecture,
+            weights=str(bench.weights),
+            num_classes=bench.num_classes,
+        )
+    )
+    splits = {}
+    for name in ("train", "val", "test"):
+        x, y, rows = load_split(bench.dataset, name, mean=bench.mean, std=bench.std)
+        splits[name] = Split(x, y, np.array([row[bench.attribute] for row in rows]))
+    return bench, model, splits
+
+
+def _indexed(images: torch.Tensor, batch_size: int):
+    """Batches of (images, row ids), the form the collect passes read."""
+    data = torch.utils.data.TensorDataset(images, torch.arange(len(images)))
+    return torch.utils.data.DataLoader(data, batch_size=batch_size)
+
+
+def learn_projection(
+    model: nn.Module,
+    splits: dict[str, Split],
+    *,
+    layer: str,
+    attribute: str,
+    present: str = "1",
+    positive_class: int = 1,
+    concept: str = "drsa",
+    n_subspaces: tuple[int, ...] = (4,),
+    positions_per_image: int = 20,
+    drsa_max_epochs: int = 500,
+    composite: str = "epsilon_plus_flat",
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+) -> ConceptFit:
+    """P = I - U_s U_s^T for the subspace that encodes ``attribute == present`` at ``layer``.
+
+    DRSA: fit on positive-class training images explaining that class, one basis per K;
+    K and s are chosen on the validation split by AP_attribute of the relevance share.
+    CAV: the probe direction for the attribute on per-image mean activations of the
+    training images (s is that one direction).
+    """
+    began = time.perf_counter()
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    present_train = train.attribute == present
+    with Explainer(model, [layer], composite, device=device) as explainer:
+        if concept == "drsa":
+            chosen = np.flatnonzero(train.labels.numpy() == positive_class)
+        else:
+            chosen = np.arange(len(train.labels))
+        inst = collect_instances(
+            explainer,
+            _indexed(train.images[chosen], batch_size),
+            positive_class,
+            per_image=positions_per_image,
+            seed=seed,
+        )[layer]
+        if concept == "cav":
+            ids, inverse = np.unique(inst.image_ids, return_inverse=True)
+            pooled = np.zeros((len(ids), inst.activations.shape[1]))
+            np.add.at(pooled, inverse, inst.activations)
+            pooled /= np.bincount(inverse)[:, None]
+            bases = [fit_subspaces("cav", pooled, None, 1, seed, target=present_train[chosen][ids])]
+        else:
+            bases = [
+                fit_subspaces(
+                    "drsa",
+                    inst.activations,
+                    inst.contexts,
+                    k,
+                    seed,
+                    max_epochs=drsa_max_epochs,
+                    tol=1e-5,
+                    device=device,
+                )
+                for k in n_subspaces
+            ]
+        relevance = {}
+        for name, split in (("val", val), ("test", test)):
+            scored = collect_relevance(
+                explainer,
+                _indexed(split.images, batch_size),
+                positive_class,
+                {layer: [b.basis for b in bases]},
+            )
+            relevance[name] = [scored.relevance[(layer, j)] for j in range(len(bases))]
+    candidates = [
+        Candidate(layer, b.n_subspaces, relevance["val"][j], relevance["test"][j])
+        for j, b in enumerate(bases)
+    ]
+
+    def samples(split: Split) -> AuditSamples:
+        return AuditSamples(split.labels.numpy() == positive_class, split.attribute == present)
+
+    (audit,) = audit_attribute(
+        attribute,
+        present,
+        candidates,
+        samples(val),
+        samples(test),
+        score="share" if concept == "drsa" else "raw",
+        threshold=0.0,
+    )
+    if audit.flagged_subspace < 0:
+        raise NoFlaggedSubspace(f"no subspace predicts {attribute}={present} at {layer}")
+    basis = next(b for b in bases if b.n_subspaces == audit.n_subspaces)
+    projection = Projection(layer, basis.complement_projector(audit.flagged_subspace))
+    return ConceptFit(projection, audit, round(time.perf_counter() - began, 2))
+
+
+def _row(seed, method, rate, model, test, attribute, config, **extra) -> Row:
+    ev = evaluate(
+        model,
+        test.images,
+        test.labels.numpy(),
+        {attribute: test.attribute},
+        example_input=test.images[:1],
+        resamples=0,
+        min_group_size=config.min_group_size,
+        latency_repeats=0,
+    )
+    absent = next(v for v in np.unique(test.attribute) if v != config.present)
+    return Row(
+        seed=seed,
+        method=method,
+        rate=rate,
+        balanced_accuracy=ev.balanced_accuracy.value,
+        other_attribute=find_group(ev, 0, attribute, config.present).accuracy.value,
+        positive_without=find_group(ev, 1, attribute, absent).accuracy.value,
+        worst_group=ev.worst_group_accuracy.value,
+        parameters=ev.parameters,
+        macs=ev.flops,
+        **extra,
+    )
+
+
+def run_seed(
+    model: nn.Module,
+    splits: dict[str, Split],
+    config: ExperimentConfig,
+    seed: int,
+    *,
+    layer: str,
+    attribute: str,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """Unpruned, then vanilla and CNP at every rate, for one seed."""
+    torch.manual_seed(seed)
+    train, test = splits["train"], splits["test"]
+    options = {
+        "layer": layer,
+        "attribute": attribute,
+        "present": config.present,
+        "concept": config.concept,
+        "n_subspaces": config.n_subspaces,
+        "positions_per_image": config.positions_per_image,
+        "drsa_max_epochs": config.drsa_max_epochs,
+        "composite": config.composite,
+        "batch_size": config.batch_size,
+        "device": config.device,
+    }
+    fit = learn_projection(model, splits, seed=seed, **options)
+    log(f"seed {seed}: concept fit in {fit.seconds}s\n{format_table(fit.audit)}")
+    rows = [_row(seed, "none", 0.0, model, test, attribute, config)]
+    # Control: the projection alone, without pruning, so that CNP's gain can be told
+    # apart from what removing the subspace does by itself.
+    projected = fold_projection(model, fit.projection)
+    rows.append(
+        _row(
+            seed, "projected", 0.0, projected, test, attribute, config, flagged_ap=fit.ap_attribute
+        )
+    )
+    ref = reference_indices(train.labels.numpy(), config.reference_per_class, seed)
+    reference = (train.images[ref], train.labels[ref])
+
+    def relearn(current: nn.Module) -> Projection:
+        return learn_projection(current, splits, seed=seed, **options).projection
+
+    for rate in config.rates:
+        for method in METHODS:
+            spec = PruneSpec(
+                method=method,
+                rate=rate,
+                schedule=config.schedule,
+                steps=config.steps,
+                finetune_epochs=config.finetune_epochs,
+                learning_rate=config.learning_rate,
+                reference_per_class=config.reference_per_class,
+                relearn_subspaces=config.relearn,
+            )
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(train.images, train.labels),
+                batch_size=config.batch_size,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            began = time.perf_counter()
+            out = prune(
+                model,
+                spec,
+                reference,
+                train_loader=loader,
+                projection=fit.projection,
+                relearn=relearn if config.relearn else None,
+                keep_projection=config.keep_projection,
+                composite=config.composite,
+                batch_size=config.batch_size,
+                device=config.device,
+                seed=seed,
+            )
+            seconds = round(time.perf_counter() - began, 2)
+            row = _row(
+                seed,
+                method,
+                rate,
+                out.compact,
+                test,
+                attribute,
+                config,
+                filters_removed=out.summary.filters_removed,
+                flagged_ap=fit.ap_attribute if method == "cnp" else float("nan"),
+                seconds=seconds,
+            )
+            rows.append(row)
+            log(
+                f"seed {seed} {method} rate {rate:.2f}: balanced acc {row.balanced_accuracy:.3f}, "
+                f"other class + {attribute} {row.other_attribute:.3f} ({seconds}s)"
+            )
+    return rows
+
+
+# ------------------------------------------------------------------ tables and plots
+
+METRICS = ("balanced_accuracy", "other_attribute", "positive_without", "worst_group")
+
+
+@dataclass
+class Summary:
+    method: str
+    rate: float
+    n: int
+    mean: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)
+    parameters: int = 0
+    macs: int = 0
+
+
+def summarise(rows: list[Row]) -> list[Summary]:
+    """Mean and (sample) standard deviation over seeds per (method, rate)."""
+    order = {"none": 0, "projected": 1, "lrp": 2, "cnp": 3}
+    keys = sorted({(r.method, r.rate) for r in rows}, key=lambda k: (k[1], order.get(k[0], 9)))
+    out = []
+    for method, rate in keys:
+        chosen = [r for r in rows if (r.method, r.rate) == (method, rate)]
+        values = {m: np.array([getattr(r, m) for r in chosen]) for m in METRICS}
+        out.append(
+            Summary(
+                method=method,
+                rate=rate,
+                n=len(chosen),
+                mean={m: float(v.mean()) for m, v in values.items()},
+                std={m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
+                parameters=int(np.mean([r.parameters for r in chosen])),
+                macs=int(np.mean([r.macs for r in chosen])),
+            )
+        )
+    return out
+
+
+def best_matched(summary: list[Summary], tolerance: float = 0.01) -> dict:
+    """The rate where CNP's "other class + attribute" accuracy most exceeds vanilla's,
+    among rates where CNP's balanced accuracy is within ``tolerance`` of the unpruned
+    model's or better (all rates when none qualifies; ``qualified`` says which)."""
+    base = next(s for s in summary if s.method == "none")
+    by = {(s.method, s.rate): s for s in summary}
+    rates = sorted({s.rate for s in summary if s.method == "cnp"})
+    candidates = []
+    for rate in rates:
+        cnp, lrp = by[("cnp", rate)], by.get(("lrp", rate))
+        if lrp is None:
+            continue
+        gap = cnp.mean["other_attribute"] - lrp.mean["other_attribute"]
+        ok = cnp.mean["balanced_accuracy"] >= base.mean["balanced_accuracy"] - tolerance
+        candidates.append((ok, gap, rate))
+    if not candidates:
+        return {}
+    qualified = [c for c in candidates if c[0]]
+    ok, gap, rate = max(qualified or candidates, key=lambda c: c[1])
+    cnp, lrp = by[("cnp", rate)], by[("lrp", rate)]
+    return {
+        "rate": rate,
+        "qualified": ok,
+        "gap_other_attribute": gap,
+        "cnp_other_attribute": cnp.mean["other_attribute"],
+        "lrp_other_attribute": lrp.mean["other_attribute"],
+        "cnp_balanced_accuracy": cnp.mean["balanced_accuracy"],
+        "unpruned_balanced_accuracy": base.mean["balanced_accuracy"],
+        "target_met": bool(ok and gap >= 0.15),
+    }
+
+
+def markdown(summary: list[Summary], best: dict, attribute: str, config: ExperimentConfig) -> str:
+    names = {
+        "none": "unpruned",
+        "projected": "unpruned, subspace projected out",
+        "lrp": "LRP (vanilla)",
+        "cnp": "CNP" + (" (projection kept)" if config.keep_projection else ""),
+    }
+    head = (
+        f"| method | rate | balanced acc. | other class + {attribute} | "
+        f"positive class, no {attribute} | worst group | parameters | MACs |"
+    )
+    lines = [
+        f"Watermark benchmark, {len(config.seeds)} seeds, {config.concept} concept at "
+        f"`{config.layer}`, schedule {config.schedule} (steps {config.steps}, fine-tuning "
+        f"{config.finetune_epochs} epochs{', re-learned subspaces' if config.relearn else ''}). "
+        "Mean ± std over seeds.",
+        "",
+        head,
+        "|" + " --- |" * 8,
+    ]
+    for s in summary:
+        cells = [f"{s.mean[m]:.3f} ± {s.std[m]:.3f}" for m in METRICS]
+        lines.append(
+            f"| {names[s.method]} | {s.rate:.2f} | "
+            + " | ".join(cells)
+            + f" | {s.parameters:,} | {s.macs:,} |"
+        )
+    if best:
+        lines += [
+            "",
+            f"Best matched rate {best['rate']:.2f}: CNP {best['cnp_other_attribute']:.3f} vs "
+            f"LRP {best['lrp_other_attribute']:.3f} on other class + {attribute} "
+            f"({100 * best['gap_other_attribute']:+.1f} points); CNP balanced accuracy "
+            f"{best['cnp_balanced_accuracy']:.3f} vs unpruned {best['unpruned_balanced_accuracy']:.3f}. "
+            f"Target (+15 points, balanced accuracy within 1 point): "
+            f"{'met' if best['target_met'] else 'not met'}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[Summary], metric: str, ylabel: str, path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.subplots()
+    base = next(s for s in summary if s.method == "none")
+    ax.axhline(base.mean[metric], color="0.4", linestyle="--", label="unpruned")
+    control = [s for s in summary if s.method == "projected"]
+    if control:
+        ax.axhline(control[0].mean[metric], color="0.6", linestyle=":", label="projected, unpruned")
+    for method, label, colour in (("lrp", "LRP pruning", "tab:blue"), ("cnp", "CNP", "tab:red")):
+        points = [s for s in summary if s.method == method]
+        rates = [s.rate for s in points]
+        means = np.array([s.mean[metric] for s in points])
+        stds = np.array([s.std[metric] for s in points])
+        ax.plot(rates, means, marker="o", color=colour, label=label)
+        ax.fill_between(rates, means - stds, means + stds, color=colour, alpha=0.2)
+    ax.set_xlabel("pruning rate (fraction of filters)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_outputs(
+    rows: list[Row], config: ExperimentConfig, attribute: str, output: Path
+) -> dict[str, Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "rows": output / "rows.csv",
+        "summary_csv": output / "summary.csv",
+        "summary_md": output / "summary.md",
+        "config": output / "config.json",
+        "balanced_accuracy": output / "balanced_accuracy.png",
+        "other_attribute": output / f"other_class_{attribute}.png",
+    }
+    with open(paths["rows"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(Row)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    summary = summarise(rows)
+    with open(paths["summary_csv"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "method",
+                "rate",
+                "n",
+                *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
+                "parameters",
+                "macs",
+            ]
+        )
+        for s in summary:
+            stats = [v for m in METRICS for v in (s.mean[m], s.std[m])]
+            writer.writerow([s.method, s.rate, s.n, *stats, s.parameters, s.macs])
+    best = best_matched(summary)
+    paths["summary_md"].write_text(markdown(summary, best, attribute, config))
+    paths["config"].write_text(json.dumps({**asdict(config), "best_matched": best}, indent=2))
+    plot(summary, "balanced_accuracy", "balanced accuracy", paths["balanced_accuracy"])
+    plot(
+        summary, "other_attribute", f"accuracy, other class + {attribute}", paths["other_attribute"]
+    )
+    return paths
+
+
+def run_experiment(
+    config: ExperimentConfig, output: Path, log: Callable[[str], None] = print
+) -> list[Row]:
+    bench, model, splits = load_benchmark(config)
+    config.layer = config.layer or bench.layer
+    config.benchmark = str(bench.dataset.parent)
+    rows = []
+    for seed in config.seeds:
+        rows += run_seed(
+            model, splits, config, seed, layer=config.layer, attribute=bench.attribute, log=log
+        )
+        write_outputs(rows, config, bench.attribute, output)  # partial results survive a stop
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cnp_core.experiment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output", type=Path, default=Path(".cnp/experiment"))
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0..n-1)")
+    parser.add_argument("--rates", type=float, nargs="+", default=list(ExperimentConfig.rates))
+    defaults = ExperimentConfig()
+    parser.add_argument("--schedule", choices=["oneshot", "iterative"], default=defaults.schedule)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--reference-per-class", type=int, default=32)
+    parser.add_argument(
+        "--relearn", action="store_true", help="re-learn the subspace after fine-tuning"
+    )
+    parser.add_argument(
+        "--keep-projection",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.keep_projection,
+        help="fold P into the CNP model itself",
+    )
+    parser.add_argument("--concept", choices=["drsa", "cav"], default="drsa")
+    parser.add_argument("--k", type=int, nargs="+", default=[4], help="numbers of DRSA subspaces")
+    parser.add_argument("--layer", default=defaults.layer, help="'' for the benchmark's")
+    parser.add_argument("--drsa-max-epochs", type=int, default=500)
+    parser.add_argument("--benchmark-seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ExperimentConfig(
+        seeds=tuple(range(args.seeds)),
+        rates=tuple(args.rates),
+        schedule=args.schedule,
+        steps=args.steps,
+        finetune_epochs=args.finetune_epochs,
+        learning_rate=args.learning_rate,
+        reference_per_class=args.reference_per_class,
+        relearn=args.relearn,
+        keep_projection=args.keep_projection,
+        concept=args.concept,
+        n_subspaces=tuple(args.k),
+        layer=args.layer,
+        drsa_max_epochs=args.drsa_max_epochs,
+        benchmark_seed=args.benchmark_seed,
+        device=args.device,
+    )
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    run_experiment(config, args.output, log)
+    print((args.output / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+-- One PostgreSQL instance, two databases: the cnp job store and MLflow's backend.
+CREATE DATABASE mlflow OWNER cnp;

@@ -1,0 +1,258 @@
+"""Server configuration: defaults < TOML file < ``CNP_*`` environment < command-line flags.
+
+Every field of :class:`ServerConfig` can be set in the TOML file (top-level keys), as
+``CNP_<FIELD>`` (lists comma-separated, tables as JSON) or with ``--set FIELD=VALUE``;
+the common ones have their own flags. The embedded default needs nothing: everything
+lives under one data directory (``.cnp``) and the server listens on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnp_core.errors import CnpError
+
+
+class ConfigError(CnpError):
+    """The configuration is inconsistent (bad value, unknown key, missing file)."""
+
+
+@dataclass
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    data_dir: str = ".cnp"
+    # Model weights and dataset directories must lie under one of these.
+    allow_roots: list[str] = field(default_factory=list)
+    database_url: str = ""  # default: sqlite:///DATA_DIR/jobs.db
+    # MLflow: default sqlite:///DATA_DIR/mlflow.db with artifacts in DATA_DIR/mlartifacts.
+    tracking_enabled: bool = True
+    tracking_uri: str = ""
+    tracking_experiment: str = "cnp-audits"
+    tracking_retry_seconds: float = 60.0
+    tracking_http_retries: int = 1
+    tracking_http_timeout: float = 10.0
+    # Bearer-token auth; with no token configured one is generated at DATA_DIR/token.
+    auth: bool = True
+    token: str = ""
+    token_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set to require client certificates (mutual TLS)
+    max_message_bytes: int = 4 * 1024 * 1024
+    artifact_chunk_bytes: int = 1024 * 1024
+    max_queued: int = 64
+    workers: int = 0  # 0: one per GPU, or one on CPU
+    gpus: list[int] = field(
+        default_factory=list
+    )  # empty: detect (CUDA_VISIBLE_DEVICES, nvidia-smi)
+    max_attempts: int = 3
+    poll_seconds: float = 0.5
+    heartbeat_seconds: float = 5.0
+    lease_seconds: float = 60.0  # a RUNNING job without heartbeat this long is re-queued
+    cancel_grace_seconds: float = 10.0
+    stage_timeouts: dict[str, float] = field(default_factory=lambda: {"default": 6 * 3600.0})
+    drain_seconds: float = 30.0
+    engine: str = "cnp_server.engine"  # module with validate, run_audit, capabilities
+    node_id: str = field(default_factory=socket.gethostname)
+    log_level: str = "INFO"
+    rpc_threads: int = 64  # also the bound on concurrent calls (streams hold a thread)
+
+    # --- derived ----------------------------------------------------------------------
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.data_path / "jobs"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'jobs.db'}"
+
+    @property
+    def effective_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.data_path / 'mlflow.db'}"
+
+    @property
+    def tracking_artifact_location(self) -> str | None:
+        """Where a new experiment keeps artifacts; None lets a remote tracking server decide."""
+        return None if self.tracking_uri else (self.data_path / "mlartifacts").as_uri()
+
+    @property
+    def effective_token_file(self) -> Path:
+        return Path(self.token_file).expanduser() if self.token_file else self.data_path / "token"
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def stage_timeout(self, stage: str) -> float:
+        return float(self.stage_timeouts.get(stage, self.stage_timeouts.get("default", 6 * 3600.0)))
+
+    def validate(self) -> ServerConfig:
+        if ":" not in self.listen:
+            raise ConfigError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{name}: no such file {value}")
+        if self.max_queued < 1 or self.max_attempts < 1 or self.workers < 0:
+            raise ConfigError("max_queued and max_attempts must be >= 1, workers >= 0")
+        if not 1024 <= self.artifact_chunk_bytes <= self.max_message_bytes - 1024:
+            raise ConfigError("artifact_chunk_bytes must lie in [1 KiB, max_message_bytes - 1 KiB]")
+        if self.lease_seconds <= self.heartbeat_seconds:
+            raise ConfigError("lease_seconds must exceed heartbeat_seconds")
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with secrets hidden, for the start-up log."""
+        values = dataclasses.asdict(self)
+        values["token"] = "***" if self.token else ""
+        values["database_url"] = mask_url(self.effective_database_url)
+        values["tracking_uri"] = mask_url(self.effective_tracking_uri)
+        values["token_file"] = str(self.effective_token_file)
+        values["data_dir"] = str(self.data_path)
+        return values
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of ``scheme://user:password@host``."""
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def _kind(name: str) -> type:
+    f = _FIELDS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return type(default)
+
+
+def parse_value(name: str, text: str) -> Any:
+    """A field's value from text (environment or ``--set``)."""
+    if name not in _FIELDS:
+        raise ConfigError(f"unknown configuration key {name!r}")
+    kind = _kind(name)
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(text)
+            return lowered in {"1", "true", "yes", "on"}
+        if kind is list:
+            items = [item.strip() for item in text.split(",") if item.strip()]
+            return [int(i) for i in items] if name == "gpus" else items
+        if kind is dict:
+            return json.loads(text)
+        return kind(text)
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{name}: cannot read {text!r} as {kind.__name__}: {err}") from None
+
+
+def _merge(values: dict[str, Any], updates: Mapping[str, Any], source: str) -> None:
+    for key, value in updates.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{source}: unknown configuration key {key!r}")
+        kind = _kind(key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{source}: {key} must be a {kind.__name__}, got {value!r}")
+        values[key] = value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnp-server", description="The cnp concept audit gRPC service."
+    )
+    p.add_argument("--config", help="TOML configuration file (also CNP_CONFIG)")
+    p.add_argument("--listen", help="HOST:PORT to serve on (port 0: any free port)")
+    p.add_argument("--data-dir", dest="data_dir", help="job store, token, MLflow and job files")
+    p.add_argument(
+        "--allow-root",
+        dest="allow_roots",
+        action="append",
+        metavar="DIR",
+        help="directory that model and dataset paths must lie under (repeatable)",
+    )
+    p.add_argument("--database-url", dest="database_url", help="SQLAlchemy URL of the job store")
+    p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
+    p.add_argument(
+        "--no-tracking",
+        dest="tracking_enabled",
+        action="store_const",
+        const=False,
+        help="no MLflow",
+    )
+    p.add_argument("--token-file", dest="token_file", help="file holding the bearer token")
+    p.add_argument(
+        "--no-auth", dest="auth", action="store_const", const=False, help="no token check"
+    )
+    p.add_argument("--tls-cert", dest="tls_cert")
+    p.add_argument("--tls-key", dest="tls_key")
+    p.add_argument("--tls-client-ca", dest="tls_client_ca")
+    p.add_argument("--max-queued", dest="max_queued", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--engine", help="module providing validate/run_audit/capabilities")
+    p.add_argument("--log-level", dest="log_level")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other configuration key (repeatable)",
+    )
+    return p
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """The effective configuration from flags, environment and file (in that precedence)."""
+    environ = os.environ if environ is None else environ
+    args = parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    config_file = args.config or environ.get("CNP_CONFIG")
+    if config_file:
+        path = Path(config_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"configuration file not found: {path}")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        _merge(values, table.get("server", table), str(path))
+    for name in _FIELDS:
+        text = environ.get(f"CNP_{name.upper()}")
+        if text is not None:
+            values[name] = parse_value(name, text)
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in {"config", "overrides"} and v is not None and k in _FIELDS
+    }
+    values.update(flags)
+    for item in args.overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
+        values[key.strip()] = parse_value(key.strip(), text)
+    config = ServerConfig(**values)
+    config.allow_roots = [str(Path(r).expanduser().resolve()) for r in config.allow_roots]
+    return config.validate()

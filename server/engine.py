@@ -1,0 +1,120 @@
+"""The engine behind the service: a thin, lazily-importing adapter to ``cnp_core.pipeline``.
+
+An *engine* is any module with three functions (the server loads the one named by the
+``engine`` setting, this module by default):
+
+- ``validate(spec, allowed_roots)``: fast reference checks; raises CnpError subclasses.
+- ``run_audit(spec, *, workdir, progress, cancelled, allowed_roots) -> AuditResult``:
+  ``progress(stage, fraction, message)``; raises :class:`cnp_core.errors.Cancelled` once
+  ``cancelled()`` is true; writes artifacts into ``workdir`` and lists them in
+  ``result.artifacts``.
+- ``capabilities() -> dict[str, list[str]]``: what ServerMetadata advertises.
+
+torch is imported only when one of them is called, so the server starts fast and its
+worker processes pay for the import, not the RPC threads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from cnp_core.errors import InvalidSpec
+from cnp_core.results import AuditResult
+from cnp_core.spec import CONCEPT_METHODS, PRUNE_METHODS, SCHEDULES, SCORES, AuditSpec
+
+from .errors import PermissionDenied
+
+REQUIRED = ("validate", "run_audit", "capabilities")
+
+# Weights references that are not files on this server (resolved by the engine).
+_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def load_engine(name: str) -> ModuleType:
+    """Import the engine module ``name`` and check that it has the three functions."""
+    module = importlib.import_module(name)
+    missing = [f for f in REQUIRED if not callable(getattr(module, f, None))]
+    if missing:
+        raise TypeError(f"engine {name} lacks {', '.join(missing)}")
+    return module
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def check_paths(spec: AuditSpec, allowed_roots: Sequence[Path]) -> None:
+    """Model weights and dataset root must be absolute and lie under an allowed root.
+
+    Symlinks are resolved first, so a link inside a root that points outside is refused.
+    """
+    references = [("dataset.root", spec.dataset.root)]
+    if spec.model.weights and not spec.model.weights.startswith(_URI_PREFIXES):
+        references.append(("model.weights", spec.model.weights))
+    roots = [Path(r).resolve() for r in allowed_roots]
+    for field, value in references:
+        if not value:
+            continue
+        if not Path(value).is_absolute():
+            raise InvalidSpec(f"{field} must be an absolute path on the server, got {value!r}")
+        if not roots:
+            raise PermissionDenied(
+                f"{field}: this server allows no model or dataset paths; "
+                "start it with --allow-root DIR"
+            )
+        if not _inside(Path(value).resolve(), roots):
+            raise PermissionDenied(f"{field} {value!r} is not under an allowed root of this server")
+
+
+# --- the default engine: cnp_core.pipeline ------------------------------------------------
+
+
+def warm_up() -> None:
+    """Import the pipeline (torch) in the background so the first CreateAudit is fast."""
+    import cnp_core.pipeline  # noqa: F401
+
+
+def validate(spec: AuditSpec, allowed_roots: Sequence[Path]) -> None:
+    from cnp_core import pipeline
+
+    pipeline.validate(spec, allowed_roots=list(allowed_roots))
+
+
+def run_audit(
+    spec: AuditSpec,
+    *,
+    workdir: Path,
+    progress: Callable[[str, float, str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    allowed_roots: Sequence[Path] | None = None,
+) -> AuditResult:
+    from cnp_core import pipeline
+
+    return pipeline.run_audit(
+        spec,
+        workdir=workdir,
+        progress=progress,
+        cancelled=cancelled,
+        allowed_roots=list(allowed_roots) if allowed_roots is not None else None,
+    )
+
+
+def capabilities() -> dict[str, Any]:
+    """Architectures, weight formats, methods and composites the engine supports."""
+    from zennit.composites import COMPOSITES
+
+    from cnp_core import references
+
+    return {
+        "architectures": list(references.ARCHITECTURES),
+        "weight_formats": [*references.SAFETENSORS_SUFFIXES, *references.PICKLE_SUFFIXES],
+        "concept_methods": list(CONCEPT_METHODS),
+        "scores": list(SCORES),
+        "composites": sorted(COMPOSITES),
+        "prune_methods": list(PRUNE_METHODS),
+        "prune_schedules": list(SCHEDULES),
+    }

@@ -1,0 +1,192 @@
+"""``cnp-server``: start the gRPC service (config, store, executor, MLflow tracker, server).
+
+Start-up re-queues jobs this node was running when it stopped; shutdown (SIGTERM or
+SIGINT) turns health to NOT_SERVING, refuses new audits, lets running jobs finish for
+``drain_seconds`` and re-queues what is left, so no accepted job is lost or stuck.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from cnp.v1 import service_pb2_grpc
+from google.longrunning import operations_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import __version__
+from .auth import BearerTokenInterceptor, ensure_token
+from .config import ConfigError, ServerConfig, load_config
+from .engine import load_engine
+from .executor import LocalExecutor
+from .service import (
+    SERVICE_NAMES,
+    AuditService,
+    ConceptAuditServicer,
+    OperationsServicer,
+)
+from .store import JobStore
+from .tracking import Tracker
+
+log = logging.getLogger("cnp_server")
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+class Application:
+    """The running service; ``start()`` returns the bound port, ``stop()`` drains and stops."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.port = 0
+        self.server: grpc.Server | None = None
+
+    def start(self) -> int:
+        c = self.config
+        c.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        c.jobs_path.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
+        self.store = JobStore(c.effective_database_url)
+        for audit_id, state in self.store.recover(max_attempts=c.max_attempts, owner=c.node_id):
+            log.warning("job %s was running when this node stopped: now %s", audit_id, state)
+        self.engine = load_engine(c.engine)
+        self.tracker = Tracker(c, self.store) if c.tracking_enabled else None
+        tracker = self.tracker
+        self.executor = LocalExecutor(
+            c, self.store, on_finished=(lambda _audit_id: tracker.wake()) if tracker else None
+        )
+        self.service = AuditService(c, self.store, self.executor, self.engine)
+
+        interceptors = []
+        if c.auth:
+            token = c.token or ensure_token(c.effective_token_file)
+            interceptors.append(BearerTokenInterceptor([token]))
+        else:
+            log.warning("authentication is OFF: anyone who reaches %s can submit audits", c.listen)
+        limits = [
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.max_send_message_length", c.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share
+        ]
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=c.rpc_threads, thread_name_prefix="rpc"),
+            interceptors=interceptors,
+            options=limits,
+            # Each stream holds a thread: beyond this, calls fail fast (RESOURCE_EXHAUSTED)
+            # instead of waiting behind long WatchAudit streams.
+            maximum_concurrent_rpcs=c.rpc_threads,
+        )
+        service_pb2_grpc.add_ConceptAuditServicer_to_server(
+            ConceptAuditServicer(self.service), server
+        )
+        operations_pb2_grpc.add_OperationsServicer_to_server(
+            OperationsServicer(self.service), server
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection([*SERVICE_NAMES, reflection.SERVICE_NAME], server)
+
+        try:
+            if c.tls:
+                credentials = grpc.ssl_server_credentials(
+                    [(_read(c.tls_key), _read(c.tls_cert))],
+                    root_certificates=_read(c.tls_client_ca) if c.tls_client_ca else None,
+                    require_client_auth=bool(c.tls_client_ca),
+                )
+                self.port = server.add_secure_port(c.listen, credentials)
+            else:
+                self.port = server.add_insecure_port(c.listen)
+        except RuntimeError:  # grpc raises when the address cannot be bound
+            self.port = 0
+        if not self.port:
+            raise ConfigError(f"cannot listen on {c.listen} (address in use?)")
+        self.server = server
+
+        if self.tracker:
+            self.tracker.start()
+        self.executor.start()
+        server.start()
+        for name in ["", *SERVICE_NAMES]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        warm_up = getattr(self.engine, "warm_up", None)
+        if callable(warm_up):
+            threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+        self.address = f"{c.listen.rsplit(':', 1)[0]}:{self.port}"
+        (c.data_path / "server.json").write_text(
+            json.dumps({"address": self.address, "pid": os.getpid(), "tls": c.tls})
+        )
+        log.info(
+            "cnp-server %s listening on %s (%s)",
+            __version__,
+            self.address,
+            "TLS" if c.tls else "plaintext",
+        )
+        return self.port
+
+    def _lock_data_dir(self) -> None:
+        """With the embedded SQLite store, one server per data directory: a second one
+        would take the first one's running jobs for orphans and run them again."""
+        if self.config.database_url:  # a shared store: replicas coordinate through it
+            return
+        self._lock = (self.config.data_path / "server.lock").open("w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another cnp-server is using {self.config.data_path}; "
+                "stop it or give this one another --data-dir"
+            ) from None
+
+    def stop(self) -> None:
+        log.info("shutting down: health NOT_SERVING, no new audits, draining running jobs")
+        self.health.enter_graceful_shutdown()
+        self.service.stopping.set()
+        self.executor.stop(self.config.drain_seconds)
+        if self.tracker:
+            self.tracker.stop()
+        if self.server is not None:
+            self.server.stop(grace=5.0).wait()
+        self.store.close()
+        (self.config.data_path / "server.json").unlink(missing_ok=True)
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as err:
+        print(f"cnp-server: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log.info("effective configuration: %s", json.dumps(config.masked(), sort_keys=True))
+    app = Application(config)
+    try:
+        app.start()
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    app.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""One job in one worker process: run the engine, write progress and the outcome to the store.
+
+The process is started with ``multiprocessing`` *spawn* (a fresh interpreter: no locks or
+CUDA state inherited from the server's threads). It dies with the server: the kernel
+sends it SIGKILL when the spawning thread exits (``PR_SET_PDEATHSIG``) and a watchdog
+thread checks the parent as a fallback. Every write carries the attempt number, so a
+straggler from an interrupted attempt cannot overwrite the current one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import mimetypes
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from cnp_core.errors import Cancelled
+from cnp_core.results import AuditResult
+
+from . import convert
+from .errors import classify
+from .jobs import CANCELLED, FAILED, SUCCEEDED
+
+log = logging.getLogger("cnp_server.worker")
+
+REPORT_NAME = "report.json"
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    """Everything a worker process needs (picklable; the process starts from nothing)."""
+
+    audit_id: str
+    attempt: int
+    database_url: str
+    workdir: str
+    engine: str
+    allowed_roots: tuple[str, ...]
+    parent_pid: int
+    service_version: str
+    log_level: str = "INFO"
+    cuda_visible_devices: str | None = None
+    progress_interval: float = 0.5
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+class ProgressWriter:
+    """The engine's progress callback: writes to the store, throttled except on stage changes."""
+
+    def __init__(self, store: Any, task: WorkerTask) -> None:
+        self.store, self.task = store, task
+        self.stage = ""
+        self._last = 0.0
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        new_stage = stage != self.stage
+        if not new_stage and fraction < 1.0 and now - self._last < self.task.progress_interval:
+            return
+        self.stage, self._last = stage, now
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        try:
+            current = self.store.report_progress(
+                self.task.audit_id, self.task.attempt, stage, fraction, message, new_stage
+            )
+        except SQLAlchemyError as exc:  # progress is best effort; the outcome is not
+            log.warning("progress not recorded (store unavailable): %s", exc)
+            self.stage = "" if new_stage else self.stage  # retry the stage change next time
+            return
+        if not current:  # re-queued or finished elsewhere: this attempt is void
+            raise Cancelled("this attempt of the job is no longer current")
+
+
+class CancelCheck:
+    """The engine's cancellation check: reads the store's flag at most every interval."""
+
+    def __init__(self, store: Any, audit_id: str, interval: float) -> None:
+        self.store, self.audit_id, self.interval = store, audit_id, interval
+        self._last = 0.0
+        self._flag = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self._flag and now - self._last >= self.interval:
+            self._last = now
+            try:
+                self._flag = self.store.cancel_requested(self.audit_id)
+            except SQLAlchemyError as exc:
+                log.warning("cancellation flag not read (store unavailable): %s", exc)
+        return self._flag
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_artifacts(paths: dict[str, str], workdir: Path) -> dict[str, dict[str, Any]]:
+    """name -> {path relative to workdir, size, sha256, content type}.
+
+    Files outside the workdir are copied in, so everything a job owns lives in one place
+    and a download can never reach beyond it.
+    """
+    workdir = workdir.resolve()
+    described: dict[str, dict[str, Any]] = {}
+    for name, value in sorted(paths.items()):
+        path = Path(value)
+        path = (workdir / path if not path.is_absolute() else path).resolve()
+        if not path.is_file():
+            log.warning("artifact %s: %s is not a file; skipped", name, path)
+            continue
+        if not path.is_relative_to(workdir):
+            target = workdir / "artifacts" / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            path = target
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        described[name] = {
+            "path": str(path.relative_to(workdir)),
+            "size": path.stat().st_size,
+            "sha256": _sha256(path),
+            "content_type": kind,
+        }
+    return described
+
+
+def finish_success(
+    result: AuditResult, task: WorkerTask, workdir: Path
+) -> tuple[bytes, dict[str, dict[str, Any]]]:
+    """The serialized report and the artifact list; writes the canonical report.json.
+
+    The engine's own report.json (if any) is replaced by the canonical proto JSON, which
+    names artifacts instead of listing server paths.
+    """
+    canonical = (workdir / REPORT_NAME).resolve()
+    paths = {
+        name: path
+        for name, path in result.artifacts.items()
+        if Path(path).resolve() != canonical and name != REPORT_NAME
+    }
+    artifacts = describe_artifacts(paths, workdir)
+    report = convert.report_to_proto(
+        result,
+        audit_id=task.audit_id,
+        artifacts=artifacts,
+        service_version=task.service_version,
+    )
+    canonical.write_text(convert.report_to_json(report) + "\n")
+    artifacts.update(describe_artifacts({REPORT_NAME: str(canonical)}, workdir))
+    return report.SerializeToString(), artifacts
+
+
+def _persist(write: Callable[[], object], attempts: int = 6) -> None:
+    """Write the job's outcome, riding out a short store outage (e.g. a database restart)."""
+    for attempt in range(attempts):
+        try:
+            write()
+            return
+        except SQLAlchemyError as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("outcome not recorded yet (store unavailable), retrying: %s", exc)
+            time.sleep(min(2.0**attempt, 30.0))
+
+
+def _prepare_workdir(path: Path) -> None:
+    """A fresh directory per attempt: files of an interrupted attempt must not leak in."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def run(task: WorkerTask) -> None:
+    """Entry point of the worker process."""
+    _die_with_parent(task.parent_pid)
+    os.environ.update(task.environment)
+    if task.cuda_visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
+    logging.basicConfig(
+        level=task.log_level,
+        format=f"%(asctime)s %(levelname)s worker[{task.audit_id}] %(name)s: %(message)s",
+    )
+    from .engine import load_engine
+    from .store import JobStore
+
+    store = JobStore(task.database_url)
+    workdir = Path(task.workdir)
+    try:
+        job = store.get(task.audit_id)
+        spec = convert.spec_from_json(job.spec_json)
+        _prepare_workdir(workdir)
+        engine = load_engine(task.engine)
+        result = engine.run_audit(
+            spec,
+            workdir=workdir,
+            progress=ProgressWriter(store, task),
+            cancelled=CancelCheck(store, task.audit_id, task.progress_interval),
+            allowed_roots=[Path(r) for r in task.allowed_roots],
+        )
+        report, artifacts = finish_success(result, task, workdir)
+        _persist(
+            lambda: store.finish(
+                task.audit_id,
+                task.attempt,
+                SUCCEEDED,
+                report=report,
+                artifacts_json=json.dumps(artifacts, sort_keys=True),
+                message="done",
+            )
+        )
+        log.info("succeeded")
+    except Cancelled as exc:
+        error = ("CANCELLED", str(exc))
+        _persist(lambda: store.finish(task.audit_id, task.attempt, CANCELLED, error=error))
+        log.info("cancelled")
+    except BaseException as exc:
+        code, message = classify(exc)
+        _persist(lambda: store.finish(task.audit_id, task.attempt, FAILED, error=(code, message)))
+        log.info("failed with %s: %s", code, message)
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        store.close()

@@ -1,0 +1,290 @@
+"""Gate rules: grammar and evaluation on hand-written reports in the canonical JSON shape."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from cnp_client.gates import GRAMMAR, GateError, Reference, all_passed, evaluate, parse_rule
+
+
+def metric(value, low=None, high=None, base=0.0) -> dict:
+    low = value if low is None else low
+    high = value if high is None else high
+    return {"value": value, "ci_low": low, "ci_high": high, "base_rate": base}
+
+
+def audit(attribute: str, value: str, aps: list, flagged: int, layer: str = "layer3") -> dict:
+    """One audit table; ``aps`` are the AP_attribute values of the subspaces."""
+    subspaces = [
+        {
+            "index": i,
+            "mean_relevance": 0.25,
+            "ap_attribute": metric(ap, base=0.5),
+            "ap_attribute_pos": metric(ap, base=0.6),
+            "ap_attribute_neg": metric(ap, base=0.4),
+            "ap_class": metric(0.5, base=0.5),
+            "ap_class_attr": metric(0.5, base=0.5),
+            "ap_class_no_attr": metric(0.5, base=0.5),
+        }
+        for i, ap in enumerate(aps)
+    ]
+    return {
+        "attribute": attribute,
+        "value": value,
+        "layer": layer,
+        "n_subspaces": len(aps),
+        "subspaces": subspaces,
+        "flagged_subspace": flagged,
+        "selection_ap": 0.0,
+    }
+
+
+def group(label: int, value: str, count: int, accuracy: float, too_small: bool = False) -> dict:
+    return {
+        "label": label,
+        "attribute": "watermark",
+        "value": value,
+        "count": count,
+        "accuracy": metric(accuracy, accuracy - 0.05, min(accuracy + 0.05, 1.0)),
+        "too_small": too_small,
+    }
+
+
+def evaluation(balanced: float, groups: list[dict], parameters: int = 11_000_000) -> dict:
+    worst = min(groups, key=lambda g: g["accuracy"]["value"])
+    return {
+        "balanced_accuracy": metric(balanced, balanced - 0.02, balanced + 0.02),
+        "worst_group_accuracy": metric(worst["accuracy"]["value"]),
+        "worst_group": f"class {worst['label']}, watermark={worst['value']}",
+        "groups": groups,
+        "parameters": str(parameters),  # int64: a string in the proto JSON mapping
+        "flops": "500000000",
+        "latency_ms": 2.5,
+    }
+
+
+def make_report(*, pruned: bool = True, attributes: list[dict] | None = None) -> dict:
+    """A watermark audit with a flagged subspace S2, and a CNP pruning that fixed the group."""
+    before = evaluation(
+        0.80,
+        [
+            group(0, "0", 120, 0.97),
+            group(0, "1", 40, 0.55),
+            group(1, "0", 120, 0.90),
+            group(1, "1", 8, 1.0, True),
+        ],
+    )
+    after = evaluation(
+        0.93,
+        [
+            group(0, "0", 120, 0.96),
+            group(0, "1", 40, 0.99),
+            group(1, "0", 120, 0.88),
+            group(1, "1", 8, 1.0, True),
+        ],
+        parameters=7_700_000,
+    )
+    report = {
+        "audit_id": "a-123",
+        "model_sha256": "ab" * 32,
+        "dataset_digest": "cd" * 32,
+        "attributes": attributes
+        if attributes is not None
+        else [audit("watermark", "1", [0.52, 0.61, 0.91, 0.55], flagged=2)],
+        "before": before,
+        "timings": {"load": 1.5, "audit": 12.25, "prune": 4.0},
+    }
+    if pruned:
+        report["after"] = after
+        report["pruning"] = {
+            "method": "cnp",
+            "rate": 0.3,
+            "filters_total": 960,
+            "filters_removed": 288,
+            "removed": {"layer1.0.conv1": {"indices": [3, 7]}},
+        }
+    return report
+
+
+def two_attribute_report() -> dict:
+    return make_report(
+        attributes=[
+            audit("watermark", "1", [0.52, 0.61, 0.91, 0.55], flagged=2),
+            audit("sex", "f", [0.55, 0.62], flagged=-1),
+        ]
+    )
+
+
+# --- grammar -------------------------------------------------------------------------------
+
+
+def test_parse_absolute_and_relative_rules():
+    rule = parse_rule("max_ap_attribute <= 0.8")
+    assert (rule.metric, rule.op, rule.reference, rule.scope) == (
+        "max_ap_attribute",
+        "<=",
+        Reference("number", 0.8),
+        "",
+    )
+    assert rule.is_audit_rule and not rule.needs_baseline
+    rule = parse_rule("worst_group_accuracy>=baseline-0.02")
+    assert rule.reference == Reference("baseline", 0.02, "-") and rule.needs_baseline
+    rule = parse_rule("after.parameters<=baseline*0.8")
+    assert (rule.scope, rule.reference) == ("after", Reference("baseline", 0.8, "*"))
+    assert rule.needs_after
+    rule = parse_rule("after.balanced_accuracy>=before-0.02")
+    assert rule.reference == Reference("before", 0.02, "-")
+    assert parse_rule("flagged==none").reference == Reference("none")
+    assert parse_rule("balanced_accuracy>1e-1").reference.amount == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("max_ap_attribute", "malformed"),
+        ("max_ap_attribute<=high", "cannot read the reference"),
+        ("accuracy>=0.9", "unknown metric"),
+        ("worst_group_accuracy=>0.7", "malformed"),
+        ("balanced_accuracy==0.9", "takes one of"),
+        ("flagged<=1", "flagged takes"),
+        ("flagged==2", "flagged takes"),
+        ("before.max_ap_attribute<=0.8", "audit metric"),
+        ("during.balanced_accuracy>=0.9", "unknown scope"),
+        ("balanced_accuracy>=before-0.02", "'before' is a reference only"),
+        ("worst_group_accuracy>=baseline-", "cannot read the reference"),
+    ],
+)
+def test_malformed_rules_say_what_is_accepted(text, why):
+    with pytest.raises(GateError) as err:
+        parse_rule(text)
+    assert why in str(err.value)
+    assert GRAMMAR in str(err.value)  # the message lists the accepted grammar
+
+
+# --- audit rules: one check per attribute value --------------------------------------------
+
+
+def test_audit_rules_apply_per_attribute_value():
+    report = two_attribute_report()
+    checks = evaluate(["max_ap_attribute<=0.8"], report)
+    assert [c.name for c in checks] == [
+        "max_ap_attribute<=0.8 [watermark=1]",
+        "max_ap_attribute<=0.8 [sex=f]",
+    ]
+    assert [c.passed for c in checks] == [False, True]
+    assert checks[0].observed == pytest.approx(0.91) and checks[0].threshold == pytest.approx(0.8)
+    assert "needs <= 0.800" in checks[0].message
+    assert checks[1].observed == pytest.approx(0.62)
+
+    flagged = evaluate(["flagged==none"], report)
+    assert [(c.passed, c.observed) for c in flagged] == [(False, "S2"), (True, "none")]
+    assert "S2 flagged (AP_attribute 0.910)" in flagged[0].message
+    assert [c.passed for c in evaluate(["flagged!=none"], report)] == [True, False]
+
+
+def test_layer_is_named_when_several_layers_are_audited():
+    report = make_report(
+        attributes=[
+            audit("watermark", "1", [0.5, 0.7], flagged=-1, layer="layer2"),
+            audit("watermark", "1", [0.5, 0.95], flagged=1, layer="layer3"),
+        ]
+    )
+    checks = evaluate(["max_ap_attribute_neg<0.9"], report)
+    assert [c.name for c in checks] == [
+        "max_ap_attribute_neg<0.9 [watermark=1, layer2]",
+        "max_ap_attribute_neg<0.9 [watermark=1, layer3]",
+    ]
+    assert [c.passed for c in checks] == [True, False]
+
+
+def test_unmeasured_values_fail_closed():
+    report = make_report()
+    for subspace in report["attributes"][0]["subspaces"]:
+        subspace["ap_attribute"]["value"] = "NaN"  # proto JSON writes NaN as a string
+    (check,) = evaluate(["max_ap_attribute<=0.8"], report)
+    assert not check.passed and check.observed is None and "not measured" in check.message
+
+    (check,) = evaluate(["max_ap_attribute<=0.8"], make_report(attributes=[]))
+    assert not check.passed and "no audit table" in check.message
+
+    report = make_report()
+    report["before"]["worst_group_accuracy"]["value"] = float("nan")
+    (check,) = evaluate(["before.worst_group_accuracy>=0.1"], report)
+    assert not check.passed and math.isnan(check.observed)
+
+
+def test_omitted_proto3_defaults_read_as_zero():
+    report = make_report()
+    del report["attributes"][0]["flagged_subspace"]  # 0 is not printed by default
+    (check,) = evaluate(["flagged==none"], report)
+    assert check.observed == "S0" and not check.passed
+    report["after"]["worst_group_accuracy"] = {}  # an all-zero Metric message
+    (check,) = evaluate(["worst_group_accuracy>=0.5"], report)
+    assert check.observed == 0.0 and not check.passed
+
+
+# --- evaluation rules ----------------------------------------------------------------------
+
+
+def test_accuracy_rules_read_after_unless_scoped():
+    report = make_report()
+    checks = evaluate(
+        ["worst_group_accuracy>=0.7", "before.worst_group_accuracy>=0.7", "balanced_accuracy>=0.9"],
+        report,
+    )
+    assert [(c.passed, c.observed) for c in checks] == [(True, 0.88), (False, 0.55), (True, 0.93)]
+    assert checks[0].message == "after.worst_group_accuracy = 0.880, >= 0.700"
+    assert not all_passed(checks)
+
+    unpruned = make_report(pruned=False)
+    (check,) = evaluate(["worst_group_accuracy>=0.7"], unpruned)
+    assert check.observed == 0.55 and not check.passed  # falls back to before
+    (check,) = evaluate(["after.worst_group_accuracy>=0.7"], unpruned)
+    assert not check.passed and "did not prune" in check.message
+
+
+def test_after_compared_with_before():
+    report = make_report()
+    (check,) = evaluate(["after.balanced_accuracy>=before-0.02"], report)
+    assert check.passed and check.threshold == pytest.approx(0.78)
+    assert "(before 0.800 - 0.02)" in check.message
+    (check,) = evaluate(["after.parameters<=before*0.5"], report)
+    assert not check.passed and check.observed == 7_700_000 and check.threshold == 5_500_000
+
+
+# --- baseline rules ------------------------------------------------------------------------
+
+
+def test_baseline_rules():
+    report, baseline = make_report(), make_report()
+    baseline["after"]["worst_group_accuracy"]["value"] = 0.89
+    (check,) = evaluate(["worst_group_accuracy>=baseline-0.02"], report, baseline)
+    assert check.passed and check.threshold == pytest.approx(0.87)
+    baseline["after"]["worst_group_accuracy"]["value"] = 0.95
+    (check,) = evaluate(["worst_group_accuracy>=baseline-0.02"], report, baseline)
+    assert not check.passed and "needs >= 0.930 (baseline 0.950 - 0.02)" in check.message
+
+    # "No bigger than 80 % of the baseline's parameters", int64 read from strings.
+    baseline["after"]["parameters"] = "10000000"
+    (check,) = evaluate(["after.parameters<=baseline*0.8"], report, baseline)
+    assert check.passed and check.threshold == pytest.approx(8_000_000)
+
+    # A baseline without pruning is compared on its `before` evaluation.
+    (check,) = evaluate(["balanced_accuracy>=baseline"], report, make_report(pruned=False))
+    assert check.passed and check.threshold == pytest.approx(0.80)
+    (check,) = evaluate(["after.balanced_accuracy>=baseline"], report, make_report(pruned=False))
+    assert not check.passed and "baseline report has no 'after'" in check.message
+
+
+def test_audit_baseline_matches_attribute_values():
+    report = two_attribute_report()
+    baseline = make_report(attributes=[audit("watermark", "1", [0.5, 0.88], flagged=1)])
+    checks = evaluate(["max_ap_attribute<=baseline+0.01"], report, baseline)
+    assert not checks[0].passed and checks[0].threshold == pytest.approx(0.89)
+    assert not checks[1].passed and "baseline report has no audit" in checks[1].message
+
+
+def test_baseline_rule_without_baseline_is_a_configuration_error():
+    with pytest.raises(GateError, match="baseline"):
+        evaluate(["worst_group_accuracy>=baseline"], make_report())

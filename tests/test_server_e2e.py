@@ -1,0 +1,234 @@
+"""The real engine behind the real server: audits and pruning of the synthetic watermark
+benchmark, its MLflow record, and the engine's list of bad inputs through the API.
+
+Slow: the benchmark is generated and trained once (cached in .cnp/cache) and every job
+runs the real pipeline in a worker process.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+from cnp_client import AuditClient, InvalidArgument, ServiceError
+from test_server_support import ServerProcess, wait_for
+
+from cnp_core.spec import AuditSpec, PruneSpec
+
+pytestmark = pytest.mark.slow
+
+# Cheap but real: few DRSA epochs and resamples keep each job within seconds.
+CHEAP = {"drsa_max_epochs": 200, "drsa_restarts": 1, "bootstrap": 20, "heatmap_samples": 2}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    from cnp_core.synthetic import ensure_benchmark
+
+    return ensure_benchmark()
+
+
+def _spec(bench, **overrides) -> AuditSpec:
+    from cnp_core.demo import benchmark_spec
+
+    spec = benchmark_spec(bench, **CHEAP)
+    for key, value in overrides.items():
+        setattr(spec, key, value)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory):
+    """A directory for the bad inputs (an allowed root of the server)."""
+    return tmp_path_factory.mktemp("crafted")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, bench, crafted):
+    process = ServerProcess(
+        tmp_path_factory.mktemp("data"),
+        [bench.dataset.parent, crafted],
+        engine="cnp_server.engine",
+        settings={"tracking_retry_seconds": 5},
+    )
+    yield process.start()
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with AuditClient(server.address, token=server.token, timeout=60) as c:
+        yield c
+
+
+def _copy_dataset(bench, target: Path, edit) -> Path:
+    """A copy of the benchmark dataset whose labels.csv rows pass through ``edit``."""
+    shutil.copytree(bench.dataset, target)
+    with (target / "labels.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    rows = edit(rows, target)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    (target / "labels.csv").write_text(out.getvalue())
+    return target
+
+
+def _outcome(client, spec) -> tuple[str, str, str]:
+    """(code, message, audit id) of a bad job, refused at submission or failed when run."""
+    try:
+        job = client.wait(client.submit(spec).id, timeout=300)
+    except InvalidArgument as err:
+        job = client.get(err.audit_id)
+        assert job.state == "FAILED" and job.error_code == err.code
+        assert job.error_message == err.message
+        return err.code, err.message, job.id
+    assert job.state == "FAILED"
+    return job.error_code, job.error_message, job.id
+
+
+class _Payload:
+    """Unpickling this would run code: the sentinel file proves whether it did."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (Path.touch, (self.sentinel,))
+
+
+def _bad_inputs(bench, crafted: Path) -> dict[str, tuple[AuditSpec, str]]:
+    cases: dict[str, tuple[AuditSpec, str]] = {}
+    spec = _spec(bench)
+    spec.model.architecture = "resnet1000"
+    cases["unknown architecture"] = (spec, "resnet1000")
+
+    spec = _spec(bench)
+    spec.model.architecture = "vgg11"
+    cases["weights that do not fit"] = (spec, "missing")
+
+    spec = _spec(bench, layers=["layer9"])
+    cases["unknown layer"] = (spec, "layer9")
+
+    sentinel = crafted / "pwned"
+    payload = crafted / "payload.pt"
+    payload.write_bytes(pickle.dumps({"state_dict": _Payload(sentinel)}))
+    spec = _spec(bench)
+    spec.model.weights = str(payload)
+    cases["pickle payload"] = (spec, "payload.pt")
+
+    cases["missing attribute column"] = (_spec(bench, attributes=["nope"]), "nope")
+
+    def escape(rows, root):
+        rows[0]["path"] = "../../outside.png"
+        return rows
+
+    spec = _spec(bench)
+    spec.dataset.root = str(_copy_dataset(bench, crafted / "escape", escape))
+    cases["path escaping the root"] = (spec, "outside.png")
+
+    def corrupt(rows, root):
+        (root / rows[-1]["path"]).write_bytes(b"not an image at all")
+        return rows
+
+    spec = _spec(bench)
+    spec.dataset.root = str(_copy_dataset(bench, crafted / "corrupt", corrupt))
+    cases["corrupt image"] = (spec, "")
+
+    def bomb(rows, root):
+        from PIL import Image
+
+        Image.new("1", (9000, 9000)).save(root / rows[-1]["path"])
+        return rows
+
+    spec = _spec(bench)
+    spec.dataset.root = str(_copy_dataset(bench, crafted / "bomb", bomb))
+    cases["decompression bomb"] = (spec, "pixels")
+
+    def single_value(rows, root):
+        for row in rows:
+            row[bench.attribute] = "1"
+        return rows
+
+    spec = _spec(bench)
+    spec.dataset.root = str(_copy_dataset(bench, crafted / "single", single_value))
+    cases["attribute with a single value"] = (spec, bench.attribute)
+    return cases
+
+
+def test_bad_inputs_fail_with_invalid_argument_then_a_good_audit_succeeds(client, bench, crafted):
+    wrong = {}
+    for name, (spec, fragment) in _bad_inputs(bench, crafted).items():
+        code, message, audit_id = _outcome(client, spec)
+        stored = client.get(audit_id).error_message == message  # the reason is kept
+        if code != "INVALID_ARGUMENT" or fragment.lower() not in message.lower() or not stored:
+            wrong[name] = (code, message)
+        assert "Traceback" not in message
+    assert not wrong, wrong
+    assert not (crafted / "pwned").exists(), "the pickle payload was executed"
+
+    report = client.audit(_spec(bench), timeout=600)
+    data = report.to_dict()
+    assert data["dataset_digest"] and len(data["model_sha256"]) == 64
+    audit = data["attributes"][0]
+    assert audit["attribute"] == bench.attribute and len(audit["subspaces"]) >= 1
+    best = max(s["ap_attribute"]["value"] for s in audit["subspaces"])
+    flagged = audit["flagged_subspace"]
+    threshold = report.spec.flag_threshold
+    assert (flagged >= 0) == (best >= threshold)
+    groups = data["before"]["groups"]
+    assert {(g["label"], g["value"]) for g in groups} >= {(0, "0"), (0, "1"), (1, "0"), (1, "1")}
+    assert all(g["count"] > 0 and 0 <= g["accuracy"]["value"] <= 1 for g in groups)
+    assert "after" not in data and data["versions"]["torch"]
+    assert set(data["timings"]) >= {"load", "collect", "fit", "audit"}
+    names = [a.name for a in report.artifacts]
+    assert any(n.startswith("heatmap") for n in names)
+
+
+def test_pruning_through_the_service_and_the_model_in_mlflow(client, server, bench, tmp_path):
+    import torch
+
+    spec = _spec(bench, prune=PruneSpec(method="cnp", rate=0.3))
+    job = client.submit(spec)
+    stages = {p.stage for p in client.watch(job.id)}
+    assert "prune" in stages
+    report = client.report(job.id)
+    assert report.after is not None and report.proto.pruning.filters_removed > 0
+    assert report.after.groups and report.after.parameters < report.before.parameters
+
+    model_path = client.download_model(job.id, tmp_path / "model.pt2", format="pt2")
+    program = torch.export.load(model_path).module()
+    x = torch.zeros(2, 3, bench.input_size, bench.input_size)
+    assert tuple(program(x).shape) == (2, bench.num_classes)
+
+    run_id = wait_for(lambda: client.get(job.id).mlflow_run_id, timeout=120, interval=0.5)
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{server.data_dir / 'mlflow.db'}")
+    run = mlflow.get_run(run_id)
+    assert run.data.params["prune.method"] == "cnp"
+    assert any(k.startswith("after/") for k in run.data.metrics)
+    stored = [a.path for a in _walk(mlflow, run_id)]
+    pt2 = next(p for p in stored if p.endswith(".pt2"))
+    local = mlflow.download_artifacts(run_id, pt2, str(tmp_path))
+    again = torch.export.load(local).module()
+    assert torch.allclose(again(x), program(x))
+
+
+def _walk(mlflow, run_id, path=None):
+    for item in mlflow.list_artifacts(run_id, path):
+        if item.is_dir:
+            yield from _walk(mlflow, run_id, item.path)
+        else:
+            yield item
+
+
+def test_unknown_job_and_report_before_success(client):
+    with pytest.raises(ServiceError) as err:
+        client.report("aud-doesnotexist")
+    assert err.value.code == "NOT_FOUND"

@@ -1,0 +1,228 @@
+"""Server parts in-process: configuration, job store, error mapping, path checks, token."""
+
+from __future__ import annotations
+
+import logging
+import stat
+import time
+
+import pytest
+from cnp_server.auth import ensure_token
+from cnp_server.config import ConfigError, load_config, mask_url
+from cnp_server.engine import check_paths
+from cnp_server.errors import BadRequest, NotFound, PermissionDenied, QueueFull, classify
+from cnp_server.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TRACKING_PENDING
+from cnp_server.store import JobStore
+
+from cnp_core.errors import DatasetError, InvalidSpec
+from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
+
+# --- configuration --------------------------------------------------------------------
+
+
+def test_config_precedence_file_then_environment_then_flags(tmp_path):
+    config_file = tmp_path / "cnp.toml"
+    config_file.write_text(
+        'listen = "127.0.0.1:7000"\nmax_queued = 5\nworkers = 2\n'
+        "stage_timeouts = { default = 60, fit = 10 }\n"
+    )
+    env = {"CNP_CONFIG": str(config_file), "CNP_MAX_QUEUED": "7", "CNP_AUTH": "false"}
+    config = load_config(["--workers", "3", "--set", "cancel_grace_seconds=1.5"], environ=env)
+    assert config.listen == "127.0.0.1:7000"  # file
+    assert config.max_queued == 7  # environment over file
+    assert config.workers == 3  # flag over file
+    assert config.auth is False and config.cancel_grace_seconds == 1.5
+    assert config.stage_timeout("fit") == 10 and config.stage_timeout("collect") == 60
+
+
+def test_config_defaults_live_in_the_data_dir(tmp_path):
+    config = load_config(["--data-dir", str(tmp_path), "--allow-root", "rel"], environ={})
+    assert config.effective_database_url == f"sqlite:///{tmp_path}/jobs.db"
+    assert config.effective_tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert config.effective_token_file == tmp_path / "token"
+    assert config.allow_roots[0].endswith("/rel") and config.allow_roots[0].startswith("/")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--set", "nonsense=1"], {}, "unknown configuration key"),
+        ([], {"CNP_MAX_QUEUED": "many"}, "cannot read"),
+        (["--listen", "nohostport"], {}, "HOST:PORT"),
+        (["--tls-cert", "/nonexistent.pem", "--tls-key", "/k"], {}, "no such file"),
+        ([], {"CNP_CONFIG": "/nonexistent.toml"}, "not found"),
+    ],
+)
+def test_bad_configuration_is_refused(argv, env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv, environ=env)
+
+
+def test_secrets_are_masked(tmp_path):
+    config = load_config(
+        ["--data-dir", str(tmp_path), "--database-url", "postgresql://cnp:s3cret@db:5432/jobs"],
+        environ={"CNP_TOKEN": "tok-123"},
+    )
+    masked = config.masked()
+    assert "s3cret" not in str(masked) and "tok-123" not in str(masked)
+    assert masked["database_url"] == "postgresql://cnp:***@db:5432/jobs"
+    assert mask_url("http://mlflow:5000") == "http://mlflow:5000"
+
+
+# --- the job store --------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    yield s
+    s.close()
+
+
+def test_claim_progress_and_finish_are_fenced_by_attempt(store):
+    job = store.create("{}", request_id="r1")
+    assert job.state == QUEUED and job.attempts == 0
+    claimed = store.claim_next("node-a")
+    assert claimed.id == job.id and claimed.state == RUNNING and claimed.attempts == 1
+    assert store.claim_next("node-a") is None
+    assert store.report_progress(job.id, 1, "fit", 0.5, "half", new_stage=True)
+    assert not store.report_progress(job.id, 2, "fit", 0.6, "stale attempt", new_stage=False)
+    assert store.requeue(job.id, 1, "interrupted")
+    assert store.claim_next("node-b").attempts == 2
+    assert not store.finish(job.id, 1, SUCCEEDED)  # the first attempt's late outcome is void
+    assert store.finish(job.id, 2, SUCCEEDED, report=b"r")
+    done = store.get(job.id)
+    assert done.state == SUCCEEDED and done.progress == 1.0 and done.report == b"r"
+    assert done.tracking_state == TRACKING_PENDING
+
+
+def test_request_id_is_unique_and_refusals_are_stored(store):
+    refused = store.create("{}", request_id="r1", error=("INVALID_ARGUMENT", "bad layer"))
+    assert refused.state == FAILED and refused.error_message == "bad layer"
+    assert store.find_by_request_id("r1").id == refused.id
+    again = store.create("{}", request_id="r1")  # lost race: the existing job comes back
+    assert again.id == refused.id
+    with pytest.raises(NotFound):
+        store.get("aud-missing")
+
+
+def test_queue_bound(store):
+    store.create("{}", max_queued=2)
+    store.create("{}", max_queued=2)
+    with pytest.raises(QueueFull, match="queue is full"):
+        store.create("{}", max_queued=2)
+    assert store.count(QUEUED) == 2
+
+
+def test_cancel_queued_at_once_running_by_flag(store):
+    running, queued = store.create("{}"), store.create("{}")
+    assert store.claim_next("n").id == running.id  # the oldest is claimed first
+    assert store.request_cancel(queued.id).state == CANCELLED
+    flagged = store.request_cancel(running.id)
+    assert flagged.state == RUNNING and flagged.cancel_requested
+    assert store.cancel_requested(running.id)
+
+
+def test_recover_requeues_cancels_or_gives_up(store):
+    jobs = [store.create("{}") for _ in range(3)]
+    for _ in jobs:
+        store.claim_next("dead-node")
+    store.request_cancel(jobs[1].id)
+    for _ in range(2):  # jobs[2] reaches its third attempt
+        store.requeue(jobs[2].id, store.get(jobs[2].id).attempts, "x")
+        store.claim_next("dead-node")
+    assert store.recover(max_attempts=3, owner="other-node") == []
+    actions = dict(store.recover(max_attempts=3, owner="dead-node"))
+    assert actions == {jobs[0].id: QUEUED, jobs[1].id: CANCELLED, jobs[2].id: FAILED}
+    gave_up = store.get(jobs[2].id)
+    assert gave_up.error_code == "ABORTED" and "3 times" in gave_up.error_message
+
+
+def test_recover_stale_heartbeats_only(store):
+    fresh, stale = store.create("{}"), store.create("{}")
+    store.claim_next("a")
+    store.claim_next("b")
+    time.sleep(0.05)
+    store.heartbeat([fresh.id], "a")
+    actions = store.recover(max_attempts=3, stale_before=time.time() - 0.02)
+    assert actions == [(stale.id, QUEUED)]
+
+
+def test_list_pages_newest_first(store):
+    ids = [store.create("{}").id for _ in range(5)]
+    page, token = store.list(page_size=2)
+    assert [j.id for j in page] == ids[::-1][:2] and token
+    seen = [j.id for j in page]
+    while token:
+        page, token = store.list(page_size=2, page_token=token)
+        seen += [j.id for j in page]
+    assert seen == ids[::-1]
+    assert [j.id for j in store.list(state=QUEUED)[0]] == ids[::-1]
+    with pytest.raises(BadRequest):
+        store.list(page_token="garbage!")
+    with pytest.raises(BadRequest):
+        store.list(state="SLEEPING")
+
+
+# --- errors, paths, token -------------------------------------------------------------
+
+
+def test_user_errors_keep_code_and_message():
+    assert classify(DatasetError("labels.csv lacks column wm")) == (
+        "INVALID_ARGUMENT",
+        "labels.csv lacks column wm",
+    )
+    assert classify(QueueFull("full"))[0] == "RESOURCE_EXHAUSTED"
+
+
+def test_unexpected_errors_become_internal_with_a_correlation_id(caplog):
+    with caplog.at_level(logging.ERROR):
+        code, message = classify(KeyError("/srv/secret/path"))
+    assert code == "INTERNAL" and "/srv/secret" not in message
+    correlation = message.split("correlation id ")[1].rstrip(")")
+    assert correlation in caplog.text and "/srv/secret/path" in caplog.text
+
+
+def _spec(weights: str, root: str) -> AuditSpec:
+    return AuditSpec(
+        model=ModelRef(architecture="resnet18", weights=weights),
+        dataset=DatasetRef(root=root),
+        layers=["x"],
+        attributes=["a"],
+    )
+
+
+def test_paths_must_stay_under_an_allowed_root(tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "w.safetensors").write_bytes(b"x")
+    check_paths(_spec(str(allowed / "w.safetensors"), str(allowed)), [allowed])
+    check_paths(_spec("models:/m/1", str(allowed)), [allowed])  # MLflow URIs are not paths
+    with pytest.raises(PermissionDenied, match="not under an allowed root"):
+        check_paths(_spec(str(outside / "w.pt"), str(allowed)), [allowed])
+    with pytest.raises(PermissionDenied, match="not under an allowed root"):
+        check_paths(_spec(str(allowed / "w.pt"), str(allowed / ".." / "outside")), [allowed])
+    (allowed / "escape").symlink_to(outside)
+    with pytest.raises(PermissionDenied):
+        check_paths(_spec(str(allowed / "w.pt"), str(allowed / "escape")), [allowed])
+    with pytest.raises(InvalidSpec, match="absolute"):
+        check_paths(_spec("w.pt", str(allowed)), [allowed])
+    with pytest.raises(PermissionDenied, match="--allow-root"):
+        check_paths(_spec(str(allowed / "w.pt"), str(allowed)), [])
+
+
+def test_token_file_is_private_and_stable(tmp_path):
+    path = tmp_path / "sub" / "token"
+    token = ensure_token(path)
+    assert len(token) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ensure_token(path) == token
+
+
+def test_the_shipped_example_configuration_loads():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "deploy" / "cnp-server.toml"
+    config = load_config(["--config", str(example)], environ={"CNP_TOKEN": "x"})
+    assert config.allow_roots == ["/models", "/datasets"] and config.auth
+    assert config.stage_timeout("fit") == 7200 and config.stage_timeout("audit") == 21600
