@@ -272,7 +272,7 @@ class Explainer:
         """
         for name, tap in self.taps.items():
             tap.transform = (transforms or {}).get(name)
-        images = images.to(self.device).requires_grad_(True)
+        images = images.to(self.device).detach().requires_grad_(True)  # never the caller's
         with torch.enable_grad():
             logits = self.model(images)
             if not self._consumers_found:

@@ -381,9 +381,9 @@ def _heatmaps(spec, table, splits, explainer, audits, bases, keys, workdir) -> d
 
 
 def _evaluate(model, table, indices, spec, device):
-    from .evaluation import evaluate
+    from .evaluation import evaluate_table
 
-    return evaluate(model, table, indices, spec, device=device)
+    return evaluate_table(model, table, indices, spec, device=device)
 
 
 def _prune(spec, model, table, splits, audits, bases, keys, result, workdir, run):
@@ -467,14 +467,15 @@ def summary(result: AuditResult) -> str:
     for name, evaluation in (("before", result.before), ("after", result.after)):
         if evaluation is None:
             continue
-        parts.append(
+        lines = [
             f"{name}: balanced accuracy {evaluation.balanced_accuracy.value:.3f}, "
             f"worst group {evaluation.worst_group} {evaluation.worst_group_accuracy.value:.3f}"
-        )
+        ]
         for g in evaluation.groups:
             flag = "  (small)" if g.too_small else ""
-            parts.append(
+            lines.append(
                 f"  class {g.label} {g.attribute}={g.value}: {g.accuracy.value:.3f} "
                 f"[{g.accuracy.ci_low:.3f}, {g.accuracy.ci_high:.3f}] n={g.count}{flag}"
             )
+        parts.append("\n".join(lines))
     return "\n\n".join(parts)
