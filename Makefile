@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cnp_core.demo
+	$(PY) -m cnp_server.demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .

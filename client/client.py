@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
-from cnp_server import convert
-from cnp_server.errors import code_name
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
 from cnp_core.results import AuditResult
 from cnp_core.spec import AuditSpec
+from cnp_server import convert
+from cnp_server.errors import code_name
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024

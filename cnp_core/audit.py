@@ -42,12 +42,20 @@ def subspace_relevance(
     return per_direction.reshape(-1, k, dk).sum(-1).double().cpu().numpy()
 
 
-def concept_scores(relevance: np.ndarray, kind: str) -> np.ndarray:
-    """``raw``: R_k(x); ``share``: R_k(x) / sum_j |R_j(x)|, which removes each image's
-    overall class evidence (ALGORITHMS.md section 3, choices that matter)."""
+def concept_scores(
+    relevance: np.ndarray, kind: str, residue: np.ndarray | None = None
+) -> np.ndarray:
+    """``raw``: R_k(x); ``share``: R_k(x) / (sum_j |R_j(x)| + |residue(x)|), which removes
+    each image's overall class evidence (ALGORITHMS.md section 3, choices that matter).
+
+    The residue is the layer relevance outside the subspaces (0 for a square basis); it
+    must count, or a single CAV direction would score every image +-1.
+    """
     if kind == "raw":
         return relevance
     total = np.abs(relevance).sum(axis=1, keepdims=True)
+    if residue is not None:
+        total = total + np.abs(residue).reshape(-1, 1)
     return relevance / np.where(total > 0, total, 1.0)
 
 
@@ -109,6 +117,8 @@ class Candidate:
     n_subspaces: int
     relevance_val: np.ndarray  # N_val x K
     relevance_test: np.ndarray  # N_test x K
+    residue_val: np.ndarray | None = None  # N_val: layer relevance outside the subspaces
+    residue_test: np.ndarray | None = None
 
 
 def audit_attribute(
@@ -131,7 +141,8 @@ def audit_attribute(
     """
     by_layer: dict[str, tuple[float, Candidate, int]] = {}
     for cand in candidates:
-        val_table = audit_table(concept_scores(cand.relevance_val, score), cand.relevance_val, val)
+        val_scores = concept_scores(cand.relevance_val, score, cand.residue_val)
+        val_table = audit_table(val_scores, cand.relevance_val, val)
         k, ap = best_subspace(val_table)
         best = by_layer.get(cand.layer)
         if best is None or np.nan_to_num(ap, nan=-1.0) > np.nan_to_num(best[0], nan=-1.0):
@@ -139,7 +150,7 @@ def audit_attribute(
     audits = []
     for layer, (val_ap, cand, k) in by_layer.items():
         table = audit_table(
-            concept_scores(cand.relevance_test, score),
+            concept_scores(cand.relevance_test, score, cand.residue_test),
             cand.relevance_test,
             test,
             resamples=resamples,

@@ -96,6 +96,11 @@ class ScoredImages:
     image_ids: np.ndarray
     logits: np.ndarray  # N x classes
     relevance: dict[tuple[str, int], np.ndarray]  # (layer, basis position) -> N x K
+    totals: dict[str, np.ndarray]  # layer -> N: sum_p a_p^T c_p, the whole layer relevance
+
+    def residue(self, layer: str, j: int) -> np.ndarray:
+        """Layer relevance outside basis j's subspaces: total - sum_k R_k (0 if square)."""
+        return self.totals[layer] - self.relevance[(layer, j)].sum(axis=1)
 
 
 def collect_relevance(
@@ -109,6 +114,7 @@ def collect_relevance(
 ) -> ScoredImages:
     """R_k(x) over all positions for every basis of every layer, explaining ``target``."""
     ids, logits = [], []
+    totals: dict[str, list] = {layer: [] for layer in bases}
     relevance: dict[tuple[str, int], list] = {
         (layer, j): [] for layer, items in bases.items() for j in range(len(items))
     }
@@ -116,6 +122,9 @@ def collect_relevance(
         out = explainer.explain(images, torch.full((len(batch_ids),), target))
         ids.append(batch_ids.numpy())
         logits.append(out.logits.cpu().numpy())
+        for layer, chunks in totals.items():
+            r = out.activations[layer] * out.contexts[layer]
+            chunks.append(r.reshape(len(r), -1).sum(1).double().cpu().numpy())
         for (layer, j), chunks in relevance.items():
             a, c = out.activations[layer], out.contexts[layer]
             chunks.append(subspace_relevance(a, c, bases[layer][j]))
@@ -123,4 +132,5 @@ def collect_relevance(
         image_ids=np.concatenate(ids),
         logits=np.concatenate(logits),
         relevance={key: np.concatenate(chunks) for key, chunks in relevance.items()},
+        totals={layer: np.concatenate(chunks) for layer, chunks in totals.items()},
     )

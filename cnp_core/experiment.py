@@ -200,11 +200,13 @@ def learn_projection(
                 positive_class,
                 {layer: [b.basis for b in bases]},
             )
-            relevance[name] = [scored.relevance[(layer, j)] for j in range(len(bases))]
-    candidates = [
-        Candidate(layer, b.n_subspaces, relevance["val"][j], relevance["test"][j])
-        for j, b in enumerate(bases)
-    ]
+            relevance[name] = [
+                (scored.relevance[(layer, j)], scored.residue(layer, j)) for j in range(len(bases))
+            ]
+    candidates = []
+    for j, b in enumerate(bases):
+        (val_r, val_res), (test_r, test_res) = relevance["val"][j], relevance["test"][j]
+        candidates.append(Candidate(layer, b.n_subspaces, val_r, test_r, val_res, test_res))
 
     def samples(split: Split) -> AuditSamples:
         return AuditSamples(split.labels.numpy() == positive_class, split.attribute == present)

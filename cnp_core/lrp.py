@@ -52,13 +52,24 @@ def canonizers_for(model: nn.Module) -> list:
     return [SequentialMergeBatchNorm()]
 
 
-def make_composite(name: str, model: nn.Module, **options) -> Composite:
-    """The zennit composite registered as ``name`` (e.g. ``epsilon_plus_flat``) with canonizers.
+# Not an LRP composite: plain backpropagation, so the context is the gradient of the
+# target logit and R = a * grad (Gradient x Input).
+GRADIENT = "gradient"
 
-    ``options`` go to the composite (e.g. ``epsilon``, ``stabilizer``).
+
+def composite_names() -> list[str]:
+    """Every name ``AuditSpec.composite`` accepts."""
+    return sorted([*COMPOSITES, GRADIENT])
+
+
+def make_composite(name: str, model: nn.Module, **options) -> Composite | None:
+    """The zennit composite registered as ``name`` (e.g. ``epsilon_plus_flat``) with
+    canonizers; None for ``gradient``. ``options`` go to the composite (e.g. ``epsilon``).
     """
+    if name == GRADIENT:
+        return None
     if name not in COMPOSITES:
-        raise InvalidSpec(f"composite must be one of {', '.join(sorted(COMPOSITES))}, got {name!r}")
+        raise InvalidSpec(f"composite must be one of {', '.join(composite_names())}, got {name!r}")
     return COMPOSITES[name](canonizers=canonizers_for(model), **options)
 
 
@@ -181,7 +192,10 @@ class Explainer:
         self._inputs: dict[nn.Module, object] = {}  # module -> autograd node of its input
 
     def __enter__(self) -> Explainer:
-        self._composite.register(self.model)
+        if self._composite is None:  # gradient: the taps read the plain gradient
+            self._consumers_found = True
+        else:
+            self._composite.register(self.model)
         # Registered after the composite's hooks, so they run after them: the taps see
         # the layer's final output and the recorders see the input zennit prepared.
         for name, module in self._tapped_modules.items():
@@ -195,7 +209,8 @@ class Explainer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._composite.remove()
+        if self._composite is not None:
+            self._composite.remove()
 
     def _record_input(self, module: nn.Module, inputs) -> None:
         if not self._consumers_found and inputs and isinstance(inputs[0], torch.Tensor):
@@ -278,11 +293,13 @@ class Explainer:
             if not self._consumers_found:
                 self._find_consumers()
             # The explained quantity is the target logit itself (zennit starts from the
-            # gradient it is handed, which here is the initial relevance).
+            # gradient it is handed, which here is the initial relevance); plain
+            # gradients start from 1, so that a * grad sums to about the logit.
             start = torch.zeros_like(logits)
             rows = torch.arange(len(targets), device=self.device)
             picked = targets.to(self.device)
-            start[rows, picked] = logits.detach()[rows, picked]
+            initial = logits.detach() if self._composite is not None else torch.ones_like(logits)
+            start[rows, picked] = initial[rows, picked]
             (relevance,) = torch.autograd.grad(logits, images, start)
         explanation = Explanation(
             logits=logits.detach(),

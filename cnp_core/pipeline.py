@@ -325,6 +325,8 @@ def _audit(spec, table, splits, scored, bases, keys) -> list[AttributeAudit]:
                     bases[layer][j].n_subspaces,
                     scored.relevance[(layer, j)][val_rows],
                     scored.relevance[(layer, j)][test_rows],
+                    scored.residue(layer, j)[val_rows],
+                    scored.residue(layer, j)[test_rows],
                 )
                 for layer in bases
                 for j in range(len(bases[layer]))

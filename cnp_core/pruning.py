@@ -750,9 +750,11 @@ def prune_from_audit(spec, model, table, splits, audits, bases, keys, result, wo
         method=p.method,
         rate=p.rate,
     )
-    result.artifacts["pruned_masked"] = str(out / "masked.safetensors")
+    # Artifact names say what and which format: the client picks a model by them.
+    result.artifacts["model_masked.safetensors"] = str(out / "masked.safetensors")
     for name, path in paths.items():
-        result.artifacts[f"pruned_compact_{name}"] = str(path)
+        suffix = "architecture.json" if name == "architecture" else name
+        result.artifacts[f"model_compact.{suffix}"] = str(path)
 
 
 def _relearner(spec, table, splits, attribute, previous, run):

@@ -14,13 +14,13 @@ import dataclasses
 import json
 from typing import Any
 
-from cnp.v1 import report_pb2, service_pb2, spec_pb2
 from google.longrunning import operations_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import status_pb2
 
+from cnp.v1 import report_pb2, service_pb2, spec_pb2
 from cnp_core.errors import InvalidSpec
 from cnp_core.results import (
     AttributeAudit,

@@ -105,16 +105,15 @@ def run_audit(
 
 def capabilities() -> dict[str, Any]:
     """Architectures, weight formats, methods and composites the engine supports."""
-    from zennit.composites import COMPOSITES
-
     from cnp_core import references
+    from cnp_core.lrp import composite_names
 
     return {
         "architectures": list(references.ARCHITECTURES),
         "weight_formats": [*references.SAFETENSORS_SUFFIXES, *references.PICKLE_SUFFIXES],
         "concept_methods": list(CONCEPT_METHODS),
         "scores": list(SCORES),
-        "composites": sorted(COMPOSITES),
+        "composites": composite_names(),
         "prune_methods": list(PRUNE_METHODS),
         "prune_schedules": list(SCHEDULES),
     }

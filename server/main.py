@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from cnp.v1 import service_pb2_grpc
 from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from cnp.v1 import service_pb2_grpc
 
 from . import __version__
 from .auth import BearerTokenInterceptor, ensure_token

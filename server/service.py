@@ -14,10 +14,10 @@ from pathlib import Path
 from types import ModuleType
 
 import grpc
-from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
+from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
 from cnp_core.errors import CnpError
 
 from . import __version__, convert

@@ -47,6 +47,12 @@ def test_share_divides_by_total_absolute_relevance():
     assert concept_scores(r, "raw") is r
 
 
+def test_share_counts_the_residue_outside_the_subspaces():
+    r = np.array([[1.0], [-1.0], [0.5]])  # one direction (a CAV): alone, every share is +-1
+    residue = np.array([3.0, 1.0, -0.5])
+    np.testing.assert_allclose(concept_scores(r, "share", residue), [[0.25], [-0.5], [0.5]])
+
+
 def test_planted_attribute_and_class_subspaces_are_read_correctly():
     samples, rng = _samples()
     cls, attr = samples.is_positive_class, samples.has_attribute

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from cnp_client.cli import (
     BAD_INPUT_CODES,
     EXIT_BAD_INPUT,
@@ -21,7 +22,6 @@ from cnp_client.cli import (
     main,
     spec_from_args,
 )
-
 from cnp_core.spec import AuditSpec
 
 BASE = [

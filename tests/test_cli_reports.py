@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+from test_gates import make_report, two_attribute_report
+
 from cnp_client.gates import evaluate
 from cnp_client.reports import junit_xml, markdown_summary, text_summary, write_text
-from test_gates import make_report, two_attribute_report
 
 RULES = ["max_ap_attribute<=0.8", "flagged==none", "worst_group_accuracy>=0.7"]
 

@@ -15,10 +15,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from cnp_client import AuditClient
-from cnp_client.cli import main
 from test_server_support import MODEL_BYTES, ServerProcess, make_references, wait_for
 
+from cnp_client import AuditClient
+from cnp_client.cli import main
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
 
 

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from test_server_support import REPO, ServerProcess, make_references, make_spec, prune_spec
+
 from cnp_client import (
     AuditClient,
     AuditReportView,
@@ -21,8 +23,6 @@ from cnp_client import (
     error_for,
 )
 from cnp_client.client import default_token
-from test_server_support import REPO, ServerProcess, make_references, make_spec, prune_spec
-
 from cnp_core.results import AuditResult
 
 BLOCKED = ("torch", "torchvision", "numpy", "sqlalchemy", "mlflow", "zennit", "sklearn")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from cnp_client.gates import GRAMMAR, GateError, Reference, all_passed, evaluate, parse_rule
 
 

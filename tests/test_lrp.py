@@ -84,6 +84,20 @@ def test_context_equals_gradient_trick_lrp(small_cnn):
     assert c[zeros].abs().sum() > 0  # the context is defined where a = 0: not R / a
 
 
+def test_gradient_mode_context_is_the_plain_gradient(small_cnn):
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    with Explainer(small_cnn, ["features.4"], composite="gradient") as explainer:
+        out = explainer.explain(x, target)
+    a = small_cnn.features[:5](x).detach().requires_grad_(True)
+    logits = small_cnn.classifier(torch.flatten(small_cnn.features[5:](a), 1))
+    (grad,) = torch.autograd.grad(logits[torch.arange(3), target].sum(), a)
+    torch.testing.assert_close(out.contexts["features.4"], grad)
+    # Bias-free ReLU network: Gradient x Input sums to the logit (Euler's theorem).
+    layer_relevance = (out.activations["features.4"] * grad).sum((1, 2, 3))
+    torch.testing.assert_close(layer_relevance, out.logits[torch.arange(3), target])
+
+
 def test_relevance_is_conserved(small_cnn):
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     target = torch.tensor([2, 0, 1, 2])

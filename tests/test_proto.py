@@ -7,14 +7,14 @@ import json
 import math
 
 import pytest
-from cnp.v1 import report_pb2, service_pb2, spec_pb2
-from cnp_server import convert, protogen
-from cnp_server.jobs import FAILED, SUCCEEDED, JobRecord
 from google.protobuf import json_format
 
+from cnp.v1 import report_pb2, service_pb2, spec_pb2
 from cnp_core import results
 from cnp_core.errors import InvalidSpec
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef, PruneSpec
+from cnp_server import convert, protogen
+from cnp_server.jobs import FAILED, SUCCEEDED, JobRecord
 
 
 def test_generated_stubs_match_the_proto_sources(tmp_path):

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cnp_client import AuditClient, InvalidArgument, ServiceError
 from test_server_support import ServerProcess, wait_for
 
+from cnp_client import AuditClient, InvalidArgument, ServiceError
 from cnp_core.spec import AuditSpec, PruneSpec
 
 pytestmark = pytest.mark.slow
@@ -193,7 +193,9 @@ def test_bad_inputs_fail_with_invalid_argument_then_a_good_audit_succeeds(client
 def test_pruning_through_the_service_and_the_model_in_mlflow(client, server, bench, tmp_path):
     import torch
 
-    spec = _spec(bench, prune=PruneSpec(method="cnp", rate=0.3))
+    # The supervised concept (CAV) flags the watermark reliably on this small benchmark;
+    # this test is about the service path, the science is tested in cnp_core's tests.
+    spec = _spec(bench, method="cav", prune=PruneSpec(method="cnp", rate=0.3))
     job = client.submit(spec)
     stages = {p.stage for p in client.watch(job.id)}
     assert "prune" in stages

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_server_support import ServerProcess, make_references, make_spec, wait_for
+
 from cnp_client import AuditClient, Unavailable
 from cnp_server.jobs import QUEUED, RUNNING, SUCCEEDED
 from cnp_server.store import JobStore
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_server_support import ServerProcess, make_references, make_spec, wait_for
 
 pytestmark = pytest.mark.slow
 

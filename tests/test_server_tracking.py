@@ -16,6 +16,8 @@ from urllib.request import Request, urlopen
 import numpy as np
 import pytest
 import test_server_support as scripted
+from test_server_support import ServerProcess, make_references, make_spec, prune_spec, wait_for
+
 from cnp.v1 import report_pb2
 from cnp_client import AuditClient
 from cnp_server.config import ServerConfig
@@ -23,7 +25,6 @@ from cnp_server.jobs import FAILED, SUCCEEDED, TRACKING_DONE, TRACKING_PENDING
 from cnp_server.store import JobStore
 from cnp_server.tracking import RunLogger, Tracker, flatten_spec, report_metrics
 from cnp_server.worker import WorkerTask, finish_success
-from test_server_support import ServerProcess, make_references, make_spec, prune_spec, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -7,15 +7,15 @@ import stat
 import time
 
 import pytest
+
+from cnp_core.errors import DatasetError, InvalidSpec
+from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
 from cnp_server.auth import ensure_token
 from cnp_server.config import ConfigError, load_config, mask_url
 from cnp_server.engine import check_paths
 from cnp_server.errors import BadRequest, NotFound, PermissionDenied, QueueFull, classify
 from cnp_server.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TRACKING_PENDING
 from cnp_server.store import JobStore
-
-from cnp_core.errors import DatasetError, InvalidSpec
-from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
 
 # --- configuration --------------------------------------------------------------------
 
