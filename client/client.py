@@ -556,8 +556,11 @@ class AuditClient:
         """The pruned model: the compact one if the job wrote it, else the masked one.
 
         ``format`` picks a file type by suffix ("pt2", "onnx", "safetensors"); by default
-        a ``torch.export`` program (runs with torch alone) is preferred.
+        the suffix of ``path`` when it names one, else a ``torch.export`` program (runs
+        with torch alone).
         """
+        if format is None and Path(path).suffix in _MODEL_SUFFIXES:
+            format = Path(path).suffix
         models = [a for a in self.artifacts(job_id) if a.name.startswith(_MODEL_PREFIXES)]
         if format:
             models = [a for a in models if a.name.endswith("." + format.lstrip("."))]
