@@ -8,13 +8,6 @@ is an upper bound on its time to reach the reference's objective J, so the speed
 below is a lower bound, valid when its J is the same or higher (checked, to 1e-6
 relative: float32 matmuls).
 
-Threads: on the CPU both optimisers run with ONE torch thread by default (``--threads``
-overrides). With torch's default (2 here) every retraction's ``torch.linalg.eigh`` of a
-small w x w Gram matrix goes through MKL's threaded solver, which spins when the cores
-are shared: measured 1.7 ms single-threaded vs 680 ms with 2 threads for w = 128 on
-this loaded machine, so the reference alone would run for over an hour. Both contenders
-use the same setting, so the ratio stays fair; the thread count is in the JSON.
-
 Planted data: ``planted_subspace_data(N, d, K)``. The issue's size is N = 10,000, d = 512,
 K = 4; there the reference alone takes about 15 minutes on 2 CPU cores (0.12 s per epoch
 x 7,500 epochs), so the CPU default is d = 128 and ``bench/gpu.sh`` runs d = 512 on CUDA
@@ -51,17 +44,9 @@ def _measure(
     epochs: int | None = None,
     restarts: int = 3,
     seed: int = 1,
-    threads: int | None = None,
 ) -> common.BenchResult:
-    previous = torch.get_num_threads()
-    if threads is None:
-        threads = 1 if device == "cpu" else previous
-    torch.set_num_threads(threads)
-    try:
-        result = _compare(quick, device, n, dim, k, epochs, restarts, seed)
-    finally:
-        torch.set_num_threads(previous)
-    result.details["threads"] = threads
+    result = _compare(quick, device, n, dim, k, epochs, restarts, seed)
+    result.details["threads"] = torch.get_num_threads()
     return result
 
 
@@ -171,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4, help="subspaces")
     p.add_argument("--epochs", type=int, default=None, help="reference epochs (2,500)")
     args = p.parse_args(argv)
+    common.set_threads(args.threads)
     run(
         args.quick,
         not args.no_write,
@@ -179,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         dim=args.dim,
         k=args.k,
         epochs=args.epochs,
-        threads=args.threads or None,
     )
     return 0
 

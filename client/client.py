@@ -556,12 +556,13 @@ class AuditClient:
         """The pruned model: the compact one if the job wrote it, else the masked one.
 
         ``format`` picks a file type by suffix ("pt2", "onnx", "safetensors"); by default
-        the suffix of ``path`` when it names one, else a ``torch.export`` program (runs
-        with torch alone).
+        the suffix of ``path`` when a model in that format exists, else a
+        ``torch.export`` program (runs with torch alone).
         """
-        if format is None and Path(path).suffix in _MODEL_SUFFIXES:
-            format = Path(path).suffix
         models = [a for a in self.artifacts(job_id) if a.name.startswith(_MODEL_PREFIXES)]
+        suffix = Path(path).suffix
+        if format is None and any(a.name.endswith(suffix) for a in models if suffix):
+            format = suffix
         if format:
             models = [a for a in models if a.name.endswith("." + format.lstrip("."))]
         if not models:
