@@ -1,25 +1,29 @@
 """One audit in a fresh process, measured from inside: ``python -m bench.audit_job SPEC WORKDIR OUT``.
 
-Writes OUT (JSON): ``seconds`` (wall time of ``run_audit``, imports excluded), ``timings``
-(per stage), ``peak_rss_mib`` (the process's high-water mark, ``getrusage`` ru_maxrss),
-``baseline_rss_mib`` (resident size after the imports, before the audit) and ``images``
-(rows in the dataset). Used by the memory and scale benchmarks.
+Writes OUT (JSON): ``seconds`` (wall time of ``run_audit``, imports excluded), ``import_seconds``,
+``timings`` (per stage), ``peak_rss_mib`` (the process's resident high-water mark,
+``VmHWM``), ``baseline_rss_mib`` (resident size after the imports, before the audit) and
+``images`` (rows in the dataset). Used by the memory, scale and service benchmarks.
+
+Why VmHWM and not ``getrusage(...).ru_maxrss``: Linux carries ru_maxrss across fork and
+exec, so a child started by a large parent reports the parent's peak (measured here: a
+0.9 GiB audit reported 5.2 GiB, the size of the benchmark process that started it).
+VmHWM belongs to the process's own address space, which exec replaces.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
 
-def _rss_mib() -> float:
-    """Current resident set size, from /proc (Linux)."""
+def _status_mib(field: str) -> float:
+    """A size field of /proc/self/status (Linux; VmRSS = now, VmHWM = peak), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
     return float("nan")
 
 
@@ -30,20 +34,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     args = p.parse_args(argv)
 
+    began = time.perf_counter()
     import torch
 
     from cnp_core.pipeline import run_audit
     from cnp_core.spec import AuditSpec
 
     spec = AuditSpec.from_dict(json.loads(args.spec.read_text()))
-    baseline = _rss_mib()
+    imports = time.perf_counter() - began
+    baseline = _status_mib("VmRSS")
     began = time.perf_counter()
     result = run_audit(spec, workdir=args.workdir / "audit")
     seconds = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _status_mib("VmHWM")
     labels = Path(spec.dataset.root) / "labels.csv"
     measured = {
         "seconds": seconds,
+        "import_seconds": imports,
         "timings": result.timings,
         "peak_rss_mib": peak,
         "baseline_rss_mib": baseline,

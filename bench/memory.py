@@ -1,8 +1,8 @@
 """Memory: peak RSS of an audit over 8x more images vs the same audit over 1x.
 
 Both audits run the same small job (``bench.audits.SMALL``) in fresh processes; the peak
-is the process's own high-water mark (``getrusage(RUSAGE_SELF).ru_maxrss``, reported by
-``bench.audit_job``), so one run cannot mask another. The collection pass keeps at most
+is the process's own resident high-water mark (``VmHWM``, reported by ``bench.audit_job``;
+not ru_maxrss, which Linux carries over from the parent), so one run cannot mask another. The collection pass keeps at most
 ``fit_images x positions_per_image`` instance rows and the scoring pass K numbers per
 image, so the peak should not grow with the dataset. Target: ratio <= 1.25. Beside it,
 the audit's own increment above the process's size after its imports (torch alone is
@@ -23,6 +23,8 @@ TARGET = 1.25
 def _measure(quick: bool = False, *, factor: int | None = None) -> common.BenchResult:
     factor = factor or (2 if quick else 8)
     small, large = audits.scaled_audit(1, quick), audits.scaled_audit(factor, quick)
+    if not small["peak_rss_mib"] > small["baseline_rss_mib"] > 0:
+        raise RuntimeError(f"implausible RSS figures: {small}")
     ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
     growth = {
         name: run["peak_rss_mib"] - run["baseline_rss_mib"]

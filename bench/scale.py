@@ -2,7 +2,8 @@
 
 Each audit runs the same small job (``bench.audits.SMALL``) over a dataset with every
 image ``factor`` times (noisy copies, real format), in a fresh process, timed from inside
-(imports excluded). What grows with the images: the dataset digest, evaluation, the
+(imports excluded); the factors run in turn (1x, 2x, 4x, 8x, 1x, 2x, ...) for
+``repeats`` rounds and each factor's median is used. What grows with the images: the dataset digest, evaluation, the
 scoring pass and the bootstrap; what does not: model loading and the DRSA fit (at most
 ``fit_images`` images are fitted). "Linear or better": time(8x) / time(1x) <= 8 x 1.1.
 
@@ -23,14 +24,19 @@ QUICK_FACTORS = (1, 2)
 SLACK = 1.1
 
 
-def _measure(quick: bool = False, *, factors: tuple[int, ...] | None = None) -> common.BenchResult:
+def _measure(
+    quick: bool = False, *, factors: tuple[int, ...] | None = None, repeats: int | None = None
+) -> common.BenchResult:
     factors = tuple(factors or (QUICK_FACTORS if quick else FACTORS))
-    runs = {f: audits.scaled_audit(f, quick) for f in factors}
+    repeats = repeats or (1 if quick else 2)
+    rounds = [{f: audits.scaled_audit(f, quick, r) for f in factors} for r in range(repeats)]
+    median = {f: common.median([one[f]["seconds"] for one in rounds]) for f in factors}
+    count = {f: rounds[0][f]["images"] for f in factors}
     top, base = max(factors), min(factors)
-    ratio = runs[top]["seconds"] / runs[base]["seconds"]
+    ratio = median[top] / median[base]
     limit = (top / base) * SLACK
-    images = np.array([runs[f]["images"] for f in factors], dtype=float)
-    seconds = np.array([runs[f]["seconds"] for f in factors])
+    images = np.array([count[f] for f in factors], dtype=float)
+    seconds = np.array([median[f] for f in factors])
     slope, intercept = np.polyfit(images, seconds, 1)
     exponent = float(np.polyfit(np.log(images), np.log(seconds), 1)[0])
     checks = [
@@ -40,13 +46,16 @@ def _measure(quick: bool = False, *, factors: tuple[int, ...] | None = None) -> 
             "<=",
             limit,
             note=f"log-log slope {exponent:.2f}; "
-            + ", ".join(f"{f}x {1e3 * runs[f]['seconds'] / runs[f]['images']:.1f}" for f in factors)
+            + ", ".join(f"{f}x {1e3 * median[f] / count[f]:.1f}" for f in factors)
             + " ms/image",
         )
     ]
     details: dict[str, Any] = {
-        "runs": {str(f): runs[f] for f in factors},
-        "ms_per_image": {str(f): 1e3 * runs[f]["seconds"] / runs[f]["images"] for f in factors},
+        "repeats": repeats,
+        "median_seconds": {str(f): median[f] for f in factors},
+        "images": {str(f): count[f] for f in factors},
+        "runs": {str(f): [one[f] for one in rounds] for f in factors},
+        "ms_per_image": {str(f): 1e3 * median[f] / count[f] for f in factors},
         "linear_fit": {"fixed_seconds": float(intercept), "ms_per_image": 1e3 * float(slope)},
         "loglog_exponent": exponent if math.isfinite(exponent) else None,
         "spec": audits.QUICK if quick else audits.SMALL,

@@ -285,9 +285,13 @@ def _fit_bases(spec, table, instances, positive, run):
             rows = positive[inst.image_ids]
             for k in spec.n_subspaces:
                 run.check()
-                options = {"max_epochs": spec.drsa_max_epochs} if spec.method == "drsa" else {}
+                options = {}
                 if spec.method == "drsa":
-                    options["restarts"] = spec.drsa_restarts
+                    options = {
+                        "max_epochs": spec.drsa_max_epochs,
+                        "restarts": spec.drsa_restarts,
+                        "tol": DRSA_AUDIT_TOL,
+                    }
                 basis = fit_subspaces(
                     spec.method,
                     inst.activations[rows],
@@ -300,6 +304,12 @@ def _fit_bases(spec, table, instances, positive, run):
                 bases[layer].append(basis)
                 keys[layer].append(None)
     return bases, keys
+
+
+# An audit needs the subspaces, not the last 1e-7 of J: stop once J gains less than
+# this (relative) over the convergence window. Measured on the 64 px benchmark: layer3,
+# K = 8 converges in about 160 epochs instead of running to the epoch cap.
+DRSA_AUDIT_TOL = 1e-4
 
 
 def _pool_per_image(inst) -> tuple[np.ndarray, np.ndarray]:

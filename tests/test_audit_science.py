@@ -1,0 +1,53 @@
+"""The audit finds a watermark the test planted, and raises no false alarm without one.
+
+Real components end to end: the generated 64 px benchmark (resnet18 trained on it, cached
+by parameters), zennit LRP, DRSA, the pipeline's K and subspace selection on the
+validation split, AP reported on the test split. 64 px, as in ALGORITHMS.md section 3: at
+32 px the watermark's relevance is not separable from the digit's (measured: even the
+relevance share of the badge's own corner predicts the watermark with AP 0.88 only).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Measured on this machine (seed 1): K = 8 chosen on validation (val AP 0.985 vs 0.77
+# for K = 4); test AP_watermark 0.916 with AP_class 0.577; the best class subspace of the
+# share score reaches AP_class 0.863. Without correlation the best AP_watermark is 0.616.
+AUDIT = {
+    "layers": ["layer3"],
+    "n_subspaces": [4, 8],
+    "drsa_restarts": 1,
+    "bootstrap": 0,
+    "heatmap_samples": 0,
+}
+
+
+def _audit(tmp_path, correlation: float):
+    from cnp_core.demo import benchmark_spec
+    from cnp_core.pipeline import run_audit
+    from cnp_core.synthetic import ensure_benchmark
+
+    bench = ensure_benchmark(image_size=64, correlation=correlation)
+    result = run_audit(benchmark_spec(bench, **AUDIT), workdir=tmp_path)
+    (audit,) = result.attributes
+    return audit
+
+
+def test_a_subspace_isolates_the_planted_watermark_and_another_carries_the_class(tmp_path):
+    audit = _audit(tmp_path, correlation=0.95)
+    assert audit.flagged_subspace >= 0, "the watermark subspace must be flagged"
+    flagged = audit.subspaces[audit.flagged_subspace]
+    assert flagged.ap_attribute.value >= 0.9
+    # It isolates the watermark: it says little about the class.
+    assert abs(flagged.ap_class.value - flagged.ap_class.base_rate) <= 0.1
+    others = [s for s in audit.subspaces if s.index != audit.flagged_subspace]
+    assert max(s.ap_class.value for s in others) >= 0.85
+
+
+def test_no_false_alarm_on_a_model_trained_without_the_correlation(tmp_path):
+    audit = _audit(tmp_path, correlation=0.5)
+    assert audit.flagged_subspace == -1
+    assert max(s.ap_attribute.value for s in audit.subspaces) < 0.7
