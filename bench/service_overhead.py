@@ -9,7 +9,9 @@ the watermark benchmark) runs
 - in-process: ``cnp_core.pipeline.run_audit`` called in this process (warmed up once);
 - through the service: the ``cnp audit`` console script as a subprocess, timed from
   spawn to exit (CLI start-up, submit, worker spawn and imports, the audit, watching,
-  fetching the report and writing it).
+  fetching the report and writing it);
+- for the breakdown only: in a fresh process (``python -m bench.audit_job``), what a
+  worker pays without the service around it (imports, cold kernels).
 
 Target: service <= 1.15 x in-process + 2 s (medians). The job store's timestamps split
 the service time into queueing, the worker's run and the client's share, and the time
@@ -154,6 +156,7 @@ def _measure(quick: bool = False, *, rounds: int | None = None) -> common.BenchR
     server = Server(tmp / "server", [root])
     startup = server.start()
     service_runs: list[dict[str, Any]] = []
+    fresh_runs: list[dict[str, Any]] = []
     inproc_times: list[float] = []
     try:
         counter = iter(range(1_000))
@@ -191,10 +194,11 @@ def _measure(quick: bool = False, *, rounds: int | None = None) -> common.BenchR
             )
 
         in_process()  # warm-up: lazy imports of the pipeline's stages, untimed
-        for _ in range(rounds):  # alternating: in-process, service, in-process, service...
+        for _ in range(rounds):  # in turn: in-process, fresh process, service, in-process...
             began = time.perf_counter()
             in_process()
             inproc_times.append(time.perf_counter() - began)
+            fresh_runs.append(audits.audit_in_subprocess(spec, tmp / f"fresh-{next(counter)}"))
             through_service()  # times itself: CLI spawn to exit, MLflow wait excluded
     finally:
         server.stop()
@@ -220,6 +224,11 @@ def _measure(quick: bool = False, *, rounds: int | None = None) -> common.BenchR
         "overhead_seconds": service - inproc,
         "limit_seconds": limit,
         "server_startup_seconds": startup,
+        "fresh_process": {
+            "process_seconds": common.spread([r["process_seconds"] for r in fresh_runs]),
+            "import_seconds": common.spread([r["import_seconds"] for r in fresh_runs]),
+            "audit_seconds": common.spread([r["seconds"] for r in fresh_runs]),
+        },
         "service_runs": service_runs,
         "breakdown_median_seconds": {
             "queued": common.median([r["queued"] for r in service_runs]),

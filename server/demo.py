@@ -53,7 +53,7 @@ def audit_args(
     argv += ["--std", ",".join(map(str, bench.std)), "--layer", bench.layer]
     argv += ["--attribute", bench.attribute, "--positive-class", str(bench.positive_class)]
     argv += ["--method", args.method] if args.method else []
-    argv += ["--prune", "cnp"]
+    argv += ["--subspaces", "4,8", "--prune", "cnp"]  # K chosen on the validation split
     argv += [part for rule in args.gate or GATES for part in ("--gate", rule)]
     argv += ["--json", shown(out / "report.json"), "--junit", shown(out / "junit.xml")]
     argv += ["--summary", shown(out / "summary.md"), "--download-model", shown(out / MODEL_FILE)]
@@ -190,8 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--data-dir", type=Path, default=Path(".cnp/demo/server"))
     parser.add_argument("--out", type=Path, default=Path(".cnp/demo/reports"))
-    # CAV: on the small 32 px benchmark DRSA does not isolate the watermark (README).
-    parser.add_argument("--method", default="cav", help="concept method (default: cav)")
+    parser.add_argument("--method", help="concept method (default: the spec's, DRSA)")
     parser.add_argument("--gate", action="append", help=f"gate rules (default: {' '.join(GATES)})")
     args, args.extra = parser.parse_known_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -200,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("[1/4] The watermark benchmark (generated and trained once, then cached)", flush=True)
     from cnp_core.synthetic import ensure_benchmark
 
-    bench = ensure_benchmark()
+    # 64 px, audited at layer3: at 32 px DRSA cannot separate the watermark (README).
+    bench = ensure_benchmark(image_size=64)
     test = json.loads(bench.info.read_text()).get("test", {})
     print(f"      {bench.architecture} on {shown(bench.dataset)}: test accuracy "
           f"{test.get('overall', 0):.2f}, worst group {test.get('worst', 0):.2f}")  # fmt: skip
