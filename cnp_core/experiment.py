@@ -70,6 +70,7 @@ class ExperimentConfig:
     drsa_max_epochs: int = 500
     composite: str = "epsilon_plus_flat"
     benchmark_seed: int = 0
+    image_size: int = 32  # 64: the benchmark on which DRSA isolates the watermark (layer3)
     correlation: float = 0.95
     present: str = "1"  # the attribute value whose subspace is removed
     batch_size: int = 32
@@ -112,7 +113,9 @@ def load_benchmark(config: ExperimentConfig):
     from .references import load_model
     from .synthetic import ensure_benchmark, load_split
 
-    bench = ensure_benchmark(seed=config.benchmark_seed, correlation=config.correlation)
+    bench = ensure_benchmark(
+        seed=config.benchmark_seed, correlation=config.correlation, image_size=config.image_size
+    )
     model = load_model(
         ModelRef(
             architecture=bench.architecture,
@@ -570,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", default=defaults.layer, help="'' for the benchmark's")
     parser.add_argument("--drsa-max-epochs", type=int, default=500)
     parser.add_argument("--benchmark-seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -590,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         layer=args.layer,
         drsa_max_epochs=args.drsa_max_epochs,
         benchmark_seed=args.benchmark_seed,
+        image_size=args.image_size,
         device=args.device,
     )
 
