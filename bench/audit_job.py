@@ -7,7 +7,7 @@ Writes OUT (JSON): ``seconds`` (wall time of ``run_audit``, imports excluded), `
 
 Why VmHWM and not ``getrusage(...).ru_maxrss``: Linux carries ru_maxrss across fork and
 exec, so a child started by a large parent reports the parent's peak (measured here: a
-0.9 GiB audit reported 5.2 GiB, the size of the benchmark process that started it).
+1.2 GiB audit reported 5.2 GiB, the size of the benchmark process that started it).
 VmHWM belongs to the process's own address space, which exec replaces.
 """
 

@@ -29,12 +29,17 @@ RESULTS = BENCH / "results"
 
 
 def interleaved(
-    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+    contenders: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Wall seconds of each contender over ``repeats`` rounds, run in turn (A, B, A, B...).
 
     ``warmup`` untimed rounds come first (lazy initialisation, allocator, caches).
-    Alternating spreads the machine's slow phases over all contenders alike.
+    Alternating spreads the machine's slow phases over all contenders alike. When ``cpu``
+    is given it receives the CPU seconds of this process per run (all threads): less
+    sensitive than wall time to other programs taking the cores.
     """
     for _ in range(warmup):
         for fn in contenders.values():
@@ -42,9 +47,11 @@ def interleaved(
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - start_cpu)
     return times
 
 
