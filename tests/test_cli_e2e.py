@@ -9,6 +9,7 @@ CNP through the CLI, as a CI job would: the fairness gate must fail on this mode
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -91,7 +92,10 @@ def test_cli_audit_and_prune_on_the_watermark_benchmark(server, benchmark, tmp_p
         f"**S{audit['flagged_subspace']} ⚑**" in summary
         and "| Group | n | Before | After |" in summary
     )
-    assert "load:" in passing.stderr and "prune:" in passing.stderr  # plain progress lines
+    # Plain progress lines (no terminal). WatchAudit streams the job's latest progress
+    # per poll of the store, so a stage shorter than a poll (e.g. "load") may not show.
+    stages = set(re.findall(r"^\[ *[\d.]+s\] aud-\S+ (\w+):", passing.stderr, re.M))
+    assert len(stages) >= 3 and "prune" in stages, passing.stderr
     assert "gates: 2/2 passed" in passing.stdout
 
     # The same request id is the same job: the fairness gate fails on this model.
