@@ -195,21 +195,26 @@ def learn_projection(
                 )
                 for k in n_subspaces
             ]
-        relevance = {}
-        for name, split in (("val", val), ("test", test)):
-            scored = collect_relevance(
+        val_scored, test_scored = (
+            collect_relevance(
                 explainer,
                 _indexed(split.images, batch_size),
                 positive_class,
                 {layer: [b.basis for b in bases]},
             )
-            relevance[name] = [
-                (scored.relevance[(layer, j)], scored.residue(layer, j)) for j in range(len(bases))
-            ]
-    candidates = []
-    for j, b in enumerate(bases):
-        (val_r, val_res), (test_r, test_res) = relevance["val"][j], relevance["test"][j]
-        candidates.append(Candidate(layer, b.n_subspaces, val_r, test_r, val_res, test_res))
+            for split in (val, test)
+        )
+    candidates = [
+        Candidate(
+            layer,
+            b.n_subspaces,
+            val_scored.relevance[(layer, j)],
+            test_scored.relevance[(layer, j)],
+            val_scored.residue(layer, j),
+            test_scored.residue(layer, j),
+        )
+        for j, b in enumerate(bases)
+    ]
 
     def samples(split: Split) -> AuditSamples:
         return AuditSamples(split.labels.numpy() == positive_class, split.attribute == present)
