@@ -1,15 +1,17 @@
 """Service overhead: one audit through CLI + server + worker + MLflow vs the in-process pipeline.
 
 A real ``cnp-server`` (default engine, SQLite job store, MLflow tracking in its data
-directory, one worker process per job) is started once; its start-up (process start to
-health SERVING, then until its background warm-up import has settled) is measured on
+directory, one worker process per job, pre-warmed unless ``CNP_PREWARM_WORKERS=false``)
+is started once; its start-up (process start to health SERVING, then until its
+background warm-up imports, its own and its spare worker's, have settled) is measured on
 its own. Then, alternating round by round, the same small job (``bench.audits.SMALL`` on
 the watermark benchmark) runs
 
 - in-process: ``cnp_core.pipeline.run_audit`` called in this process (warmed up once);
 - through the service: the ``cnp audit`` console script as a subprocess, timed from
-  spawn to exit (CLI start-up, submit, worker spawn and imports, the audit, watching,
-  fetching the report and writing it);
+  spawn to exit (CLI start-up, submit, handing the job to a worker, the audit, watching,
+  fetching the report and writing it); before the next round the server (and the next
+  spare worker's imports) is left to settle, untimed, as at start-up;
 - for the breakdown only: in a fresh process (``python -m bench.audit_job``), what a
   worker pays without the service around it (imports, cold kernels).
 
@@ -41,10 +43,26 @@ FACTOR, ALLOWANCE = 1.15, 2.0
 BIN = Path(sys.executable).parent
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process and its live children, in seconds (Linux /proc).
+
+    The children count because the server's pre-warmed worker imports torch there.
+    """
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = _stat(int(entry.name))
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_serving(address: str, deadline: float) -> None:
@@ -102,8 +120,14 @@ class Server:
             time.sleep(0.05)
         _wait_serving(self.address, deadline)
         serving = time.perf_counter() - began
-        # The server imports the pipeline in the background after it starts serving;
-        # wait until it is idle (< 5 % of a core over 1 s) so the jobs find it settled.
+        # The server imports the pipeline in the background after it starts serving (and
+        # its pre-warmed worker does too): wait until they are idle so jobs find it settled.
+        self.settle(deadline)
+        return {"serving": serving, "settled": time.perf_counter() - began - 1.0}
+
+    def settle(self, deadline: float) -> None:
+        """Wait until the server and its workers use < 5 % of a core over 1 s."""
+        assert self.process is not None
         last = _cpu_seconds(self.process.pid)
         while time.monotonic() < deadline:
             time.sleep(1.0)
@@ -111,7 +135,6 @@ class Server:
             if now - last < 0.05:
                 break
             last = now
-        return {"serving": serving, "settled": time.perf_counter() - began - 1.0}
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -192,6 +215,8 @@ def _measure(quick: bool = False, *, rounds: int | None = None) -> common.BenchR
                     "mlflow_after_exit": server.wait_tracked(report["audit_id"]),
                 }
             )
+            # Untimed: the next worker's warm-up must not slow the next in-process run.
+            server.settle(time.monotonic() + 120)
 
         in_process()  # warm-up: lazy imports of the pipeline's stages, untimed
         for _ in range(rounds):  # in turn: in-process, fresh process, service, in-process...

@@ -55,6 +55,9 @@ class ServerConfig:
     gpus: list[int] = field(
         default_factory=list
     )  # empty: detect (CUDA_VISIBLE_DEVICES, nvidia-smi)
+    # Keep one worker per slot started with its imports done, so a job need not wait
+    # for torch to load (costs that process's memory while idle).
+    prewarm_workers: bool = True
     max_attempts: int = 3
     poll_seconds: float = 0.5
     heartbeat_seconds: float = 5.0

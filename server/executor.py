@@ -1,11 +1,20 @@
 """Executors run queued jobs. One interface; the local one starts worker processes.
 
 :class:`LocalExecutor` has one slot per GPU (or one on CPU). A dispatcher thread claims
-QUEUED jobs from the store, starts a spawned worker process per job (pinned to its GPU
-with ``CUDA_VISIBLE_DEVICES``), and watches over them: heartbeats, cancellation (the
+QUEUED jobs from the store, runs each in its own spawned worker process (pinned to its
+GPU with ``CUDA_VISIBLE_DEVICES``), and watches over them: heartbeats, cancellation (the
 worker stops cooperatively; after a grace period it is terminated), per-stage timeouts,
 and workers that die without writing an outcome. The same thread stays alive until its
 workers are gone, because their death signal is tied to the thread that started them.
+
+Pre-warmed workers: a fresh worker spends seconds importing torch and the engine before
+the job starts. So each slot keeps one *spare*, a worker process started with that
+slot's environment (its GPU set before torch loads) that has done its imports and waits
+for a task on a pipe; a claimed job goes to its slot's spare (a cold process only when
+there is none). The next spare is started once the slot is free again, so its imports do
+not compete with the running job for CPU, or at once when jobs are already waiting, so
+they find a warm worker. Spares that die are replaced (with back-off); on stop they go
+at once.
 """
 
 from __future__ import annotations
@@ -19,15 +28,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol
 
 from . import __version__
 from .config import ServerConfig
 from .errors import StageTimeout
-from .jobs import CANCELLED, FAILED, RUNNING
+from .jobs import CANCELLED, FAILED, QUEUED, RUNNING
 from .store import JobStore
-from .worker import WorkerTask, run
+from .worker import WorkerSetup, WorkerTask, run, serve
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +79,17 @@ class _Running:
     cancel_seen: float = 0.0
     terminated: float = 0.0
     outcome: tuple[str, tuple[str, str]] | None = field(default=None)
+    conn: Connection | None = None  # the pipe the task went through (pre-warmed worker)
+
+
+@dataclass
+class _Spare:
+    """A pre-warmed worker process of one slot, waiting for its task."""
+
+    setup: WorkerSetup
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    warm_seconds: float | None = None  # set once it reports its imports done
 
 
 class LocalExecutor:
@@ -84,6 +105,9 @@ class LocalExecutor:
         self._on_finished = on_finished or (lambda audit_id: None)
         self._context = multiprocessing.get_context("spawn")
         self._running: dict[str, _Running] = {}
+        self._spares: dict[int, _Spare] = {}
+        self._spare_failures: dict[int, int] = {}  # slot -> spares that died before warm
+        self._spare_not_before: dict[int, float] = {}  # slot -> back-off after such deaths
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._drain_deadline = 0.0
@@ -114,6 +138,14 @@ class LocalExecutor:
     def running(self) -> list[str]:
         return list(self._running)
 
+    @property
+    def spares(self) -> dict[int, tuple[int, bool]]:
+        """slot -> (pid, warm) of its pre-warmed worker (for logs and tests)."""
+        return {
+            slot: (s.process.pid or 0, s.warm_seconds is not None)
+            for slot, s in list(self._spares.items())
+        }
+
     # --- the dispatcher thread --------------------------------------------------------
 
     def _loop(self) -> None:
@@ -121,6 +153,7 @@ class LocalExecutor:
             try:
                 self._reap()
                 if self._stopping.is_set():
+                    self._discard_spares()
                     if not self._running:
                         return
                     if time.monotonic() >= self._drain_deadline:
@@ -130,6 +163,7 @@ class LocalExecutor:
                     self._watch()
                     self._recover_stale()
                     self._dispatch()
+                    self._keep_spares()
                 self._heartbeat()
             except Exception:  # the loop must survive a database hiccup
                 log.exception("executor loop error")
@@ -140,36 +174,71 @@ class LocalExecutor:
         used = {r.slot for r in self._running.values()}
         return next((s for s in range(self.slots) if s not in used), None)
 
+    def _setup(self, slot: int) -> WorkerSetup:
+        return WorkerSetup(
+            engine=self.config.engine,
+            parent_pid=os.getpid(),
+            log_level=self.config.log_level,
+            cuda_visible_devices=str(self.gpus[slot]) if self.gpus else None,
+        )
+
     def _dispatch(self) -> None:
         while (slot := self._free_slot()) is not None:
             job = self.store.claim_next(self.config.node_id)
             if job is None:
                 return
+            setup = self._setup(slot)
             task = WorkerTask(
                 audit_id=job.id,
                 attempt=job.attempts,
                 database_url=self.config.effective_database_url,
                 workdir=str(self.config.jobs_path / job.id),
-                engine=self.config.engine,
+                engine=setup.engine,
                 allowed_roots=tuple(self.config.allow_roots),
-                parent_pid=os.getpid(),
+                parent_pid=setup.parent_pid,
                 service_version=__version__,
-                log_level=self.config.log_level,
-                cuda_visible_devices=str(self.gpus[slot]) if self.gpus else None,
+                log_level=setup.log_level,
+                cuda_visible_devices=setup.cuda_visible_devices,
                 progress_interval=min(0.5, self.config.poll_seconds),
             )
-            process = self._context.Process(
-                target=run, args=(task,), name=f"cnp-worker-{job.id}", daemon=False
+            item = self._hand_to_spare(slot, task)
+            if item is None:
+                process = self._context.Process(
+                    target=run, args=(task,), name=f"cnp-worker-{job.id}", daemon=False
+                )
+                process.start()
+                item = _Running(task, process, slot)
+            self._running[job.id] = item
+            log.info(
+                "job %s attempt %d started in %s pid %s",
+                job.id,
+                job.attempts,
+                "pre-warmed" if item.conn is not None else "new",
+                item.process.pid,
             )
-            process.start()
-            self._running[job.id] = _Running(task, process, slot)
-            log.info("job %s attempt %d started in pid %s", job.id, job.attempts, process.pid)
+
+    def _hand_to_spare(self, slot: int, task: WorkerTask) -> _Running | None:
+        """Send the task to the slot's spare (warm or still warming: either is ahead of a
+        new process); None when there is no usable spare."""
+        spare = self._spares.pop(slot, None)
+        if spare is None:
+            return None
+        if spare.process.is_alive() and spare.setup == task.setup:
+            try:
+                spare.conn.send(task)
+                return _Running(task, spare.process, slot, conn=spare.conn)
+            except OSError:  # it died just now
+                pass
+        self._end_spare(spare)
+        return None
 
     def _reap(self) -> None:
         for audit_id, item in list(self._running.items()):
             if item.process.is_alive():
                 continue
             item.process.join()
+            if item.conn is not None:
+                item.conn.close()
             del self._running[audit_id]
             job = self.store.get(audit_id)
             if job.state == RUNNING and job.attempts == item.task.attempt:
@@ -181,6 +250,88 @@ class LocalExecutor:
                 self.store.finish(audit_id, item.task.attempt, state, error=error)
                 log.warning("job %s: %s (%s)", audit_id, error[1], state)
             self._on_finished(audit_id)
+
+    # --- pre-warmed workers -------------------------------------------------------------
+
+    def _keep_spares(self) -> None:
+        """One spare per slot: replace dead ones; start a missing one when its slot is free,
+        or while the slot is busy only if jobs are waiting (they will want it next)."""
+        if not self.config.prewarm_workers:
+            return
+        busy = {item.slot for item in self._running.values()}
+        backlog: bool | None = None  # asked of the store only when it matters
+        now = time.monotonic()
+        for slot in range(self.slots):
+            spare = self._spares.get(slot)
+            if spare is not None:
+                if spare.process.is_alive():
+                    self._check_warm(slot, spare)
+                    continue
+                self._lost_spare(slot, spare, now)
+            if now < self._spare_not_before.get(slot, 0.0):
+                continue
+            if slot in busy:
+                if backlog is None:
+                    backlog = self.store.count(QUEUED) > 0
+                if not backlog:
+                    continue
+            self._start_spare(slot)
+
+    def _start_spare(self, slot: int) -> None:
+        setup = self._setup(slot)
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(
+            target=serve, args=(setup, theirs), name=f"cnp-worker-spare-{slot}", daemon=False
+        )
+        process.start()
+        theirs.close()  # the child holds its end; ours sees EOF if the child dies
+        self._spares[slot] = _Spare(setup, process, ours)
+        log.debug("slot %d: pre-warming worker pid %s", slot, process.pid)
+
+    def _check_warm(self, slot: int, spare: _Spare) -> None:
+        if spare.warm_seconds is not None:
+            return
+        try:
+            if not spare.conn.poll():
+                return
+            _, seconds = spare.conn.recv()
+        except (EOFError, OSError):
+            return  # it died: the next round replaces it
+        spare.warm_seconds = float(seconds)
+        self._spare_failures.pop(slot, None)
+        log.info("slot %d: worker pid %s warm in %.1f s", slot, spare.process.pid, seconds)
+
+    def _lost_spare(self, slot: int, spare: _Spare, now: float) -> None:
+        """A spare died while waiting (OOM, a signal, a broken engine import)."""
+        del self._spares[slot]
+        self._end_spare(spare)
+        failures = self._spare_failures.get(slot, 0)
+        if spare.warm_seconds is None:  # died while warming up: back off before the next
+            failures += 1
+            self._spare_failures[slot] = failures
+            self._spare_not_before[slot] = now + min(2.0**failures, 60.0)
+        log.warning(
+            "slot %d: pre-warmed worker pid %s exited with code %s; replacing it",
+            slot,
+            spare.process.pid,
+            spare.process.exitcode,
+        )
+
+    def _end_spare(self, spare: _Spare) -> None:
+        """Stop a spare (it holds no job, so nothing is lost) and reap it."""
+        spare.conn.close()
+        if spare.process.is_alive():
+            spare.process.terminate()
+            spare.process.join(5.0)
+            if spare.process.is_alive():
+                spare.process.kill()
+        spare.process.join()
+
+    def _discard_spares(self) -> None:
+        while self._spares:
+            self._end_spare(self._spares.popitem()[1])
+
+    # --- stopping workers -------------------------------------------------------------
 
     def _terminate(self, item: _Running, outcome: tuple[str, tuple[str, str]]) -> None:
         now = time.monotonic()
@@ -244,6 +395,8 @@ class LocalExecutor:
                 audit_id, item.task.attempt, "re-queued: the server shut down while it ran"
             )
             log.info("job %s interrupted by shutdown; re-queued=%s", audit_id, requeued)
+            if item.conn is not None:
+                item.conn.close()
             del self._running[audit_id]
 
 

@@ -5,6 +5,11 @@ CUDA state inherited from the server's threads). It dies with the server: the ke
 sends it SIGKILL when the spawning thread exits (``PR_SET_PDEATHSIG``) and a watchdog
 thread checks the parent as a fallback. Every write carries the attempt number, so a
 straggler from an interrupted attempt cannot overwrite the current one.
+
+Two entry points: :func:`run` starts cold with its task; :func:`serve` is a *pre-warmed*
+worker that sets up its environment (GPU, OpenMP), imports the engine (torch and the
+rest, seconds) while no job waits, then receives one task through a pipe and runs it
+exactly as :func:`run` would. Either way a process runs one job and exits.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +60,29 @@ class WorkerTask:
     log_level: str = "INFO"
     cuda_visible_devices: str | None = None
     progress_interval: float = 0.5
+    environment: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def setup(self) -> WorkerSetup:
+        """The part of the task a pre-warmed worker must have been started with."""
+        return WorkerSetup(
+            engine=self.engine,
+            parent_pid=self.parent_pid,
+            log_level=self.log_level,
+            cuda_visible_devices=self.cuda_visible_devices,
+            environment=dict(self.environment),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker process needs before it knows its job: the environment that must be
+    in place before torch loads (GPU, OpenMP) and the engine it imports."""
+
+    engine: str
+    parent_pid: int
+    log_level: str = "INFO"
+    cuda_visible_devices: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
 
 
@@ -205,19 +234,68 @@ def _prepare_workdir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def run(task: WorkerTask) -> None:
-    """Entry point of the worker process."""
-    _die_with_parent(task.parent_pid)
-    # Before torch loads: spinning OpenMP threads stall a worker that shares its cores
+def _log_as(label: str, level: str) -> None:
+    """Worker log lines name the job (or "spare" while a pre-warmed worker waits for one)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level)
+    root.setLevel(level)
+    formatter = logging.Formatter(
+        f"%(asctime)s %(levelname)s worker[{label}] %(name)s: %(message)s"
+    )
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+
+
+def _set_up(setup: WorkerSetup, label: str) -> None:
+    """Process-wide set-up, before anything imports torch."""
+    _die_with_parent(setup.parent_pid)
+    # Spinning OpenMP threads stall a worker that shares its cores
     # (measured: a 128x128 eigh in DRSA 684 ms instead of 1.7 ms under load).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.update(task.environment)
-    if task.cuda_visible_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
-    logging.basicConfig(
-        level=task.log_level,
-        format=f"%(asctime)s %(levelname)s worker[{task.audit_id}] %(name)s: %(message)s",
-    )
+    os.environ.update(setup.environment)
+    # CUDA reads this when it initialises; a pre-warmed worker sets it before its imports.
+    if setup.cuda_visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = setup.cuda_visible_devices
+    _log_as(label, setup.log_level)
+
+
+def run(task: WorkerTask) -> None:
+    """Entry point of a worker process started for ``task`` (cold: it imports the engine now)."""
+    _set_up(task.setup, task.audit_id)
+    run_job(task)
+
+
+def serve(setup: WorkerSetup, conn: Connection) -> None:
+    """Entry point of a pre-warmed worker: import the engine, say so, wait for one task.
+
+    Sends ``("ready", seconds)`` once warm; a closed pipe (the executor let it go) ends
+    the process without a job. A warm-up that fails is logged, not fatal: the job
+    imports the engine again and fails with the error as a cold worker would.
+    """
+    _set_up(setup, "spare")
+    began = time.monotonic()
+    try:
+        from .engine import load_engine
+
+        warm_up = getattr(load_engine(setup.engine), "warm_up", None)
+        if callable(warm_up):
+            warm_up()
+    except Exception:
+        log.exception("warm-up of engine %s failed", setup.engine)
+    try:
+        conn.send(("ready", time.monotonic() - began))
+        task = conn.recv()
+    except (EOFError, OSError):
+        return
+    finally:
+        conn.close()
+    _log_as(task.audit_id, setup.log_level)
+    run_job(task)
+
+
+def run_job(task: WorkerTask) -> None:
+    """Run the task's job in this (set up) process and record its outcome in the store."""
     from .engine import load_engine
     from .store import JobStore
 

@@ -110,12 +110,15 @@ def test_graceful_shutdown_drains_running_jobs_or_requeues_them(tmp_path):
     with AuditClient(server.address, token=server.token, retries=0) as client:
         short = client.submit(make_spec(refs, "sleep:50"))
         wait_for(lambda: client.get(short.id).state == RUNNING, timeout=30)
+        workers = _children(server.process.pid)
         server.process.send_signal(signal.SIGTERM)
         # While draining: not serving, no new audits, the running job goes on.
         wait_for(lambda: _health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING)
         with pytest.raises(Unavailable, match="shutting down"):
             client.submit(make_spec(refs))
         assert server.process.wait(30) == 0
+    # No worker, pre-warmed or running, outlives the server.
+    wait_for(lambda: not any(_alive(p) for p in workers), timeout=10)
     store = _store(data)
     finished = store.get(short.id)
     assert finished.state == SUCCEEDED and finished.attempts == 1
@@ -127,9 +130,15 @@ def test_graceful_shutdown_drains_running_jobs_or_requeues_them(tmp_path):
     with AuditClient(server.address, token=server.token) as client:
         long = client.submit(make_spec(refs, "sleep:40"))
         wait_for(lambda: client.get(long.id).stage == "work", timeout=30)
+        # A job was queued behind it, so a spare warms up beside the running worker.
+        alone = len(_children(server.process.pid))
+        queued = client.submit(make_spec(refs, "sleep:40"))
+        wait_for(lambda: len(_children(server.process.pid)) > alone, timeout=10)
+        workers = _children(server.process.pid)
         started = time.monotonic()
         assert server.stop() == 0
         assert time.monotonic() - started < 15
+    wait_for(lambda: not any(_alive(p) for p in workers), timeout=10)
     store = _store(data)
     requeued = store.get(long.id)
     store.close()
@@ -139,5 +148,6 @@ def test_graceful_shutdown_drains_running_jobs_or_requeues_them(tmp_path):
         with AuditClient(server.address, token=server.token) as client:
             done = client.wait(long.id, timeout=60)
             assert done.state == SUCCEEDED and done.attempt == 2
+            assert client.wait(queued.id, timeout=60).state == SUCCEEDED
     finally:
         server.stop()

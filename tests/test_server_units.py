@@ -1,19 +1,28 @@
-"""Server parts in-process: configuration, job store, error mapping, path checks, token."""
+"""Server parts in-process: configuration, job store, error mapping, path checks, token,
+the local executor's pre-warmed workers."""
 
 from __future__ import annotations
 
+import json
 import logging
+import multiprocessing
+import os
+import signal
 import stat
 import time
+from pathlib import Path
 
 import pytest
+import test_server_support as support
 
 from cnp_core.errors import DatasetError, InvalidSpec
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
+from cnp_server import convert
 from cnp_server.auth import ensure_token
-from cnp_server.config import ConfigError, load_config, mask_url
+from cnp_server.config import ConfigError, ServerConfig, load_config, mask_url
 from cnp_server.engine import check_paths
 from cnp_server.errors import BadRequest, NotFound, PermissionDenied, QueueFull, classify
+from cnp_server.executor import LocalExecutor
 from cnp_server.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TRACKING_PENDING
 from cnp_server.store import JobStore
 
@@ -226,3 +235,171 @@ def test_the_shipped_example_configuration_loads():
     config = load_config(["--config", str(example)], environ={"CNP_TOKEN": "x"})
     assert config.allow_roots == ["/models", "/datasets"] and config.auth
     assert config.stage_timeout("fit") == 7200 and config.stage_timeout("audit") == 21600
+
+
+# --- the executor's pre-warmed workers ------------------------------------------------
+# The engine of these tests is this module: the scripted engine of test_server_support,
+# slow to import in a worker (IMPORT_SECONDS, as torch is), whose job writes down what its
+# process saw (pid, GPU and OpenMP settings) when it ran and when the engine was imported.
+
+IMPORT_SECONDS = 1.5
+
+
+def _environment() -> dict[str, str]:
+    return {
+        "pid": str(os.getpid()),
+        "cuda": os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+        "omp": os.environ.get("OMP_WAIT_POLICY", "unset"),
+    }
+
+
+_at_import = _environment()
+_warmed_up = False
+if multiprocessing.parent_process() is not None:  # imported by a worker as its engine
+    time.sleep(IMPORT_SECONDS)
+
+
+def warm_up() -> None:
+    global _warmed_up
+    _warmed_up = True
+
+
+def run_audit(spec, *, workdir, **options):
+    result = support.run_audit(spec, workdir=workdir, **options)
+    seen = workdir / "environment.json"
+    seen.write_text(
+        json.dumps({"run": _environment(), "import": _at_import, "warmed_up": _warmed_up})
+    )
+    result.artifacts["environment"] = str(seen)
+    return result
+
+
+validate, capabilities = support.validate, support.capabilities
+
+
+@pytest.fixture
+def executors(tmp_path):
+    """Start in-process LocalExecutors on this module's engine; stops them afterwards."""
+    refs = tmp_path / "refs"
+    support.make_references(refs)
+    started: list[LocalExecutor] = []
+
+    def start(**settings) -> LocalExecutor:
+        config = ServerConfig(
+            data_dir=str(tmp_path / f"data{len(started)}"),
+            allow_roots=[str(refs)],
+            engine=__name__,
+            poll_seconds=0.05,
+            cancel_grace_seconds=5.0,
+            **settings,
+        )
+        config.jobs_path.mkdir(parents=True)
+        executor = LocalExecutor(config, JobStore(config.effective_database_url))
+        executor.refs = refs
+        executor.start()
+        started.append(executor)
+        return executor
+
+    yield start
+    for executor in started:
+        executor.stop(0.0)
+        executor.store.close()
+
+
+def _submit(executor: LocalExecutor, script: str = "") -> str:
+    spec = convert.spec_to_json(support.make_spec(executor.refs, script))
+    job = executor.store.create(spec)
+    executor.wake()
+    return job.id
+
+
+def _finished(executor: LocalExecutor, audit_id: str, timeout: float = 30.0):
+    return support.wait_for(
+        lambda: (job := executor.store.get(audit_id)).done and not executor.running and job,
+        timeout=timeout,
+    )
+
+
+def _spares(
+    executor: LocalExecutor, old: set[int] = frozenset(), warm: bool = True
+) -> dict[int, int]:
+    """slot -> pid once every slot has a spare (warm, if asked) that is not one of ``old``."""
+
+    def ready() -> dict[int, int] | None:
+        spares = executor.spares
+        if len(spares) == executor.slots and all(
+            (ready or not warm) and pid not in old for pid, ready in spares.values()
+        ):
+            return {slot: pid for slot, (pid, _) in spares.items()}
+        return None
+
+    return support.wait_for(ready, timeout=30)
+
+
+def _alive(pid: int) -> bool:
+    stat_file = Path(f"/proc/{pid}/stat")
+    try:
+        return stat_file.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_jobs_start_in_warm_workers_set_up_for_their_gpu_and_none_outlive_stop(executors):
+    executor = executors(gpus=[3, 5])
+    assert executor.slots == 2
+    spares = _spares(executor)
+    ids = [_submit(executor), _submit(executor)]
+    jobs = [_finished(executor, audit_id) for audit_id in ids]
+    for job in jobs:
+        assert job.state == SUCCEEDED
+        # No import delay: the job ran in a process that had imported the engine before.
+        assert job.finished_at - job.started_at < IMPORT_SECONDS
+        workdir = executor.config.jobs_path / job.id
+        seen = json.loads((workdir / job.artifacts["environment"]["path"]).read_text())
+        slot = {pid: slot for slot, pid in spares.items()}[int(seen["run"]["pid"])]
+        # The slot's GPU and passive OpenMP were in place before the engine was imported.
+        expected = {"pid": seen["run"]["pid"], "cuda": str([3, 5][slot]), "omp": "PASSIVE"}
+        assert seen["import"] == expected and seen["run"] == expected and seen["warmed_up"]
+    assert len({json.loads(_read_env(executor, j))["run"]["pid"] for j in jobs}) == 2
+    # Replaced after the jobs; stop ends them too, even halfway through their imports.
+    fresh = _spares(executor, old=set(spares.values()), warm=False)
+    executor.stop(0.0)
+    assert executor.spares == {} and not any(
+        _alive(pid) for pid in [*spares.values(), *fresh.values()]
+    )
+
+
+def _read_env(executor: LocalExecutor, job) -> str:
+    return (executor.config.jobs_path / job.id / "environment.json").read_text()
+
+
+def test_spares_are_replaced_and_jobs_on_them_cancel_and_fail_visibly(executors):
+    executor = executors()
+    (first,) = _spares(executor).values()
+    os.kill(first, signal.SIGKILL)  # a spare that dies while waiting is replaced
+    (second,) = _spares(executor, old={first}, warm=False).values()
+
+    running = _submit(executor, "sleep:300")
+    support.wait_for(lambda: executor.store.get(running).stage == "work")
+    assert executor._running[running].process.pid == second
+    # While the only slot is busy and nothing waits, no spare competes with the job for CPU;
+    # a queued job gets one warming at once.
+    assert executor.spares == {}
+    crashing = _submit(executor, "exit")
+    (third,) = _spares(executor, old={second}, warm=False).values()
+
+    executor.store.request_cancel(running)
+    cancelled = _finished(executor, running)
+    assert cancelled.state == CANCELLED and cancelled.finished_at - cancelled.started_at < 10
+    failed = _finished(executor, crashing)  # the worker died mid-job: a final FAILED state
+    assert failed.state == FAILED and "exited with code 3" in failed.error_message
+    assert not _alive(second) and not _alive(third)
+
+
+def test_without_prewarming_each_job_starts_a_new_worker(executors):
+    executor = executors(prewarm_workers=False)
+    job = _finished(executor, _submit(executor))
+    assert job.state == SUCCEEDED and executor.spares == {}
+    assert job.finished_at - job.started_at > IMPORT_SECONDS  # it waited for the import
+    seen = json.loads(_read_env(executor, job))
+    assert not seen["warmed_up"] and seen["run"]["omp"] == "PASSIVE"
