@@ -9,6 +9,11 @@ Three files, written side by side:
 - ``model.safetensors`` + ``architecture.json``: the weights, and the base architecture
   with every layer's shape (channel counts after pruning), from which
   :func:`load_compact` rebuilds an ordinary ``nn.Module`` to fine-tune or audit again.
+
+The compact model cnp ships is made ready for inference by :func:`for_inference` (same
+function, to float rounding): every BatchNorm that directly follows a convolution is folded
+into it, and the 4-d weights are stored channels-last, which lets oneDNN pick its fast
+NHWC kernels for the uneven channel counts pruning leaves behind.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import ModelError
 
@@ -34,7 +40,79 @@ PROGRAM_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
 
 
-_DESCRIBED = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Linear)
+_DESCRIBED = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Linear, nn.Identity)
+
+
+# ------------------------------------------------------------------ inference form
+
+
+def _conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, BatchNorm) module names where the BatchNorm reads only that conv's output and
+    the conv feeds nothing else, each module called once: the pairs that fold exactly.
+    Found on the torch.fx graph; a model fx cannot trace has none."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - fx refuses dynamic control flow: fold nothing
+        return []
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        source = node.args[0] if node.args else None
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and type(modules[source.target]) is nn.Conv2d
+            and len(source.users) == 1
+            and calls[source.target] == calls[node.target] == 1
+            and modules[node.target].running_mean is not None
+        ):
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold each BatchNorm that directly follows a convolution into it, in place, from the
+    running statistics (so in eval mode only): with s = gamma / sqrt(var + eps),
+    W'[o] = s[o] W[o] and b'[o] = s[o] (b[o] - mean[o]) + beta[o]; the BatchNorm becomes
+    ``nn.Identity``. Returns how many were folded."""
+    if model.training:
+        raise ModelError("fold BatchNorm only in eval mode (it uses the running statistics)")
+    pairs = _conv_batchnorm_pairs(model)
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        _replace(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        _replace(model, bn_name, nn.Identity())
+    return len(pairs)
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy computing the same function, faster: BatchNorms folded into their
+    convolutions (:func:`fold_batchnorm`) and 4-d weights in channels-last memory format
+    (outputs of such convolutions come out channels-last too, so the layout carries through)."""
+    fast = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        fold_batchnorm(fast)
+    return fast.to(memory_format=torch.channels_last)
+
+
+def _memory_format(model: nn.Module) -> str:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs):
+        return "channels_last"
+    return "contiguous"
 
 
 def _describe_module(module: nn.Module) -> dict[str, Any] | None:
@@ -69,14 +147,17 @@ def _describe_module(module: nn.Module) -> dict[str, Any] | None:
             "out_features": module.out_features,
             "bias": module.bias is not None,
         }
+    if type(module) is nn.Identity:  # e.g. a BatchNorm folded into its convolution
+        return {"type": "Identity"}
     return None
 
 
 def describe(
     model: nn.Module, *, architecture: str = "", num_classes: int = 0, **extra
 ) -> dict[str, Any]:
-    """The architecture description: the base (torchvision name) and every conv, BatchNorm
-    and linear layer's shape, so a pruned model can be rebuilt from its base."""
+    """The architecture description: the base (torchvision name), every conv, BatchNorm
+    and linear layer's shape and every identity (a folded BatchNorm), and the weights'
+    memory format, so a pruned model can be rebuilt from its base."""
     layers = {}
     for name, module in model.named_modules():
         if type(module) in _DESCRIBED:
@@ -89,6 +170,7 @@ def describe(
         "architecture": architecture,
         "num_classes": num_classes,
         "channels": channels,
+        "memory_format": _memory_format(model),
         "layers": layers,
         **extra,
     }
@@ -119,13 +201,15 @@ def _build_module(spec: dict[str, Any]) -> nn.Module:
         )
     if kind == "Linear":
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+    if kind == "Identity":
+        return nn.Identity()
     raise ModelError(f"unknown layer type {kind!r} in the architecture description")
 
 
 def rebuild(description: dict[str, Any], base: nn.Module | None = None) -> nn.Module:
     """The base model (``base``, or the torchvision architecture named in the description)
-    with every described layer replaced by one of the described shape. Weights are not
-    loaded (see :func:`load_compact`)."""
+    with every described layer replaced by one of the described shape, in the described
+    memory format. Weights are not loaded (see :func:`load_compact`)."""
     if description.get("format_version") != FORMAT_VERSION:
         raise ModelError(
             f"unsupported architecture description version {description.get('format_version')}"
@@ -144,6 +228,8 @@ def rebuild(description: dict[str, Any], base: nn.Module | None = None) -> nn.Mo
             raise ModelError(f"layer {name!r} of the description is not in the base model")
         parent, _, attr = name.rpartition(".")
         setattr(modules[parent], attr, _build_module(spec))
+    if description.get("memory_format") == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
     return model.eval()
 
 

@@ -429,9 +429,21 @@ def mask_channels(model: nn.Module, zeroed: dict[str, list[int]]) -> nn.Module:
     return model
 
 
-def compact_model(model: nn.Module, selection: Selection, example_input: torch.Tensor) -> nn.Module:
+def compact_model(
+    model: nn.Module,
+    selection: Selection,
+    example_input: torch.Tensor,
+    *,
+    inference: bool = True,
+) -> nn.Module:
     """A physically smaller copy: the selected channels removed with Torch-Pruning's
-    dependency graph (residual-coupled layers pruned together)."""
+    dependency graph (residual-coupled layers pruned together). With ``inference`` (what
+    :func:`prune` ships) it is also made ready for inference, same function: eval mode,
+    BatchNorms folded into their convolutions, channels-last weights
+    (:func:`cnp_core.export.for_inference`); without, it keeps the architecture and the
+    model's train/eval mode, e.g. to fine-tune it further."""
+    from .export import for_inference
+
     clean = copy.deepcopy(model).cpu()
     training = clean.training
     graph = _graph(clean, example_input.cpu())
@@ -441,7 +453,7 @@ def compact_model(model: nn.Module, selection: Selection, example_input: torch.T
         if not graph.check_pruning_group(group):
             raise LayerError(f"pruning {len(channels)} channels of {root!r} would empty a layer")
         group.prune()
-    return clean.train(training)
+    return for_inference(clean) if inference else clean.train(training)
 
 
 def fold_projection(model: nn.Module, projection: Projection) -> nn.Module:

@@ -14,16 +14,48 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from cnp_core.errors import ModelError
-from cnp_core.export import describe, load_compact, rebuild, save_compact
+from cnp_core.export import (
+    describe,
+    fold_batchnorm,
+    for_inference,
+    load_compact,
+    rebuild,
+    save_compact,
+)
 from cnp_core.pruning import channel_groups, compact_model, mask_channels, select_filters
 
 torch.set_num_threads(1)
 
 
+def _randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine terms, so that folding them matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def _count(model: nn.Module, kind: type) -> int:
+    return sum(type(m) is kind for m in model.modules())
+
+
+def _channels_last(model: nn.Module) -> bool:
+    return all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    )
+
+
 @pytest.fixture(scope="module")
 def compact():
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3).eval()
+    model = _randomise_batchnorm(torchvision.models.resnet18(num_classes=3))
     x = torch.randn(1, 3, 32, 32)
     groups = channel_groups(model, x)
     g = torch.Generator().manual_seed(0)
@@ -34,11 +66,94 @@ def compact():
         if n in gr.convs
     }
     sel = select_filters(scores, 0.4, groups)
-    return compact_model(mask_channels(copy.deepcopy(model), sel.zeroed), sel, x).eval(), sel
+    masked = mask_channels(copy.deepcopy(model), sel.zeroed)
+    return compact_model(masked, sel, x), sel, masked
+
+
+def _small_vgg_bn() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11_bn(num_classes=2)
+    model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 16), nn.ReLU(), nn.Linear(16, 2))
+    return _randomise_batchnorm(model)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn"])
+def test_inference_form_folds_every_batchnorm_and_keeps_the_function(arch):
+    if arch == "resnet18":
+        torch.manual_seed(0)
+        model = _randomise_batchnorm(torchvision.models.resnet18(num_classes=3))
+    else:
+        model = _small_vgg_bn()
+    batchnorms = _count(model, nn.BatchNorm2d)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    fast = for_inference(model)
+    assert _count(fast, nn.BatchNorm2d) == 0 and _count(fast, nn.Identity) == batchnorms
+    assert _channels_last(fast) and not fast.training
+    assert all(m.bias is not None for m in fast.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    assert _count(model, nn.BatchNorm2d) == batchnorms  # the caller's model is untouched
+    assert not _channels_last(model)
+
+
+class _Branching(nn.Module):
+    """A conv whose output also feeds a skip (its BatchNorm cannot be folded), a BatchNorm
+    after a non-conv, and one conv + BatchNorm pair that folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.pool, self.bn_pool = nn.AvgPool2d(1), nn.BatchNorm2d(4)
+        self.b, self.bn_b = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.bn_pool(self.pool(self.bn_a(y) + y))
+        return self.bn_b(self.b(z))
+
+
+class _Dynamic(_Branching):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return super().forward(x)
+
+
+def test_only_exact_conv_batchnorm_pairs_fold():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    model = _randomise_batchnorm(_Branching())
+    folded = copy.deepcopy(model)
+    with torch.no_grad():
+        assert fold_batchnorm(folded) == 1
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+    assert type(folded.bn_b) is nn.Identity and folded.b.bias is not None
+    assert type(folded.bn_a) is nn.BatchNorm2d and type(folded.bn_pool) is nn.BatchNorm2d
+    # Untraceable: nothing folds, the model still comes out channels-last and exact.
+    dynamic = _randomise_batchnorm(_Dynamic())
+    fast = for_inference(dynamic)
+    assert _count(fast, nn.BatchNorm2d) == 3 and _channels_last(fast)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), dynamic(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelError, match="eval mode"):
+        fold_batchnorm(_Branching().train())
+
+
+def test_compact_model_ships_inference_ready_unless_asked(compact):
+    model, sel, masked = compact
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    assert _count(model, nn.BatchNorm2d) == 0 and _channels_last(model) and not model.training
+    trainable = compact_model(masked.train(), sel, x[:1], inference=False)
+    masked.eval()
+    assert _count(trainable, nn.BatchNorm2d) == 20 and trainable.training
+    assert not _channels_last(trainable)
+    with torch.no_grad():
+        expected = masked(x)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(trainable.eval()(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_round_trip_in_every_format(compact, tmp_path):
-    model, sel = compact
+    model, sel, _ = compact
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(x)
@@ -50,8 +165,11 @@ def test_round_trip_in_every_format(compact, tmp_path):
     assert description["channels"]["layer1.0.conv1"] == 64 - len(
         sel.removed.get("layer1.0.conv1", [])
     )
+    assert description["memory_format"] == "channels_last"
+    assert description["layers"]["layer1.0.bn1"] == {"type": "Identity"}
     loaded = load_compact(tmp_path)
     assert type(loaded) is torchvision.models.ResNet
+    assert _count(loaded, nn.BatchNorm2d) == 0 and _channels_last(loaded)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -68,7 +186,7 @@ def test_round_trip_in_every_format(compact, tmp_path):
 
 
 def test_rebuild_needs_a_matching_base(compact):
-    model, _ = compact
+    model, _, _ = compact
     description = describe(model, architecture="resnet18", num_classes=3)
     rebuilt = rebuild(description)
     shapes = {k: v.shape for k, v in rebuilt.state_dict().items()}
@@ -89,7 +207,7 @@ def test_rebuild_needs_a_matching_base(compact):
 
 
 def test_load_refuses_mismatched_weights(compact, tmp_path):
-    model, _ = compact
+    model, _, _ = compact
     save_compact(
         model,
         tmp_path,
