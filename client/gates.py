@@ -58,7 +58,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
 }
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _RULE = re.compile(
-    r"^(?:(?P<scope>[a-z]+)\.)?(?P<metric>[a-z_]+)(?P<op><=|>=|==|!=|<|>)(?P<ref>.+)$"
+    r"^(?:(?P<scope>[a-z]+)\.)?(?P<metric>[a-z_]+)(?P<op><=|>=|==|!=|<|>)(?P<ref>.*)$"
 )
 _RELATIVE = re.compile(rf"^(?P<base>baseline|before)(?:(?P<how>[-+*])(?P<amount>{_NUMBER}))?$")
 
@@ -137,6 +137,8 @@ def parse_rule(text: str) -> Rule:
     def fail(why: str) -> GateError:
         return GateError(f"gate rule {text!r}: {why}\n{GRAMMAR}")
 
+    if not ref:
+        raise fail(f"nothing after {op!r}: give a number, none, baseline or before")
     known = (*AUDIT_METRICS, FLAGGED, *EVALUATION_METRICS)
     if metric not in known:
         raise fail(f"unknown metric {metric!r}")
@@ -247,14 +249,14 @@ def _max_ap(audit: Report, score: str) -> float | None:
 def _flagged_check(rule: Rule, name: str, where: str, audit: Report) -> Check:
     # proto3 JSON omits a zero int32: a missing flagged_subspace is subspace 0.
     index = int(as_number(audit.get("flagged_subspace", 0)) or 0)
-    observed = "none" if index < 0 else f"S{index}"
+    observed = "none" if index < 0 else f"S{index + 1}"
     is_none = index < 0
     passed = is_none if rule.op == "==" else not is_none
     if is_none:
         message = f"{where}: no subspace flagged"
     else:
         ap = metric_value(_subspace(audit, index).get("ap_attribute"))
-        message = f"{where}: subspace S{index} flagged (AP_attribute {_fmt(ap)})"
+        message = f"{where}: subspace S{index + 1} flagged (AP_attribute {_fmt(ap)})"
     return Check(name, passed, observed, f"{rule.op}none", message)
 
 

@@ -103,7 +103,7 @@ def _markdown_audit(audit: Report) -> list[str]:
     flagged = _flagged(audit)
     title = f"### Concept audit: {audit.get('attribute', '?')} = {audit.get('value', '?')}"
     context = f"layer `{audit.get('layer', '?')}`, K = {audit.get('n_subspaces', '?')}"
-    flag_text = f"flagged subspace **S{flagged}** ⚑" if flagged >= 0 else "no subspace flagged"
+    flag_text = f"flagged subspace **S{flagged + 1}** ⚑" if flagged >= 0 else "no subspace flagged"
     header = ["Subspace", "Mean relevance", *(md for _, md, _ in AP_COLUMNS)]
     lines = [
         title,
@@ -115,7 +115,7 @@ def _markdown_audit(audit: Report) -> list[str]:
     ]
     for position, subspace in enumerate(audit.get("subspaces") or []):
         index = _index(subspace, position)
-        name = f"**S{index} ⚑**" if index == flagged else f"S{index}"
+        name = f"**S{index + 1} ⚑**" if index == flagged else f"S{index + 1}"
         cells = [name, _value(subspace.get("mean_relevance"))]
         cells += [_metric(subspace.get(key), base_rate=True) for key, _, _ in AP_COLUMNS]
         lines.append(_md_row(cells))
@@ -179,14 +179,14 @@ def text_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
         lines += [
             "",
             f"{audit.get('attribute', '?')}={audit.get('value', '?')}  layer {audit.get('layer', '?')}"
-            f"  K={audit.get('n_subspaces', '?')}  flagged: {f'S{flagged}' if flagged >= 0 else 'none'}"
+            f"  K={audit.get('n_subspaces', '?')}  flagged: {f'S{flagged + 1}' if flagged >= 0 else 'none'}"
             "   (AP with base rate)",
         ]
         rows = [["  subspace", "relevance", *(text for _, _, text in AP_COLUMNS)]]
         for position, subspace in enumerate(audit.get("subspaces") or []):
             index = _index(subspace, position)
             cells = [
-                f"  S{index}{' *' if index == flagged else ''}",
+                f"  S{index + 1}{' *' if index == flagged else ''}",
                 _value(subspace.get("mean_relevance")),
             ]
             cells += [

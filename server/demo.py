@@ -83,7 +83,7 @@ def explain(report: dict[str, Any], gates: Sequence[str]) -> str:
             if int(as_number(subspace.get("index", position)) or 0) == flagged:
                 ap = subspace.get("ap_attribute") or {}
                 evidence.append(
-                    f"subspace S{flagged} of {audit.get('layer')} detects {audit.get('attribute')}"
+                    f"subspace S{flagged + 1} of {audit.get('layer')} detects {audit.get('attribute')}"
                     f"={audit.get('value')} with AP {metric_value(ap):.2f} vs. base rate "
                     f"{as_number(ap.get('base_rate', 0)) or 0.0:.2f}"
                 )

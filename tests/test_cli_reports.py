@@ -64,10 +64,10 @@ def test_markdown_summary_content():
     assert len(gates) == 1 + 5 and [row[0] for row in gates[1:]] == ["❌", "✅", "❌", "✅", "✅"]
 
     assert "### Concept audit: watermark = 1" in markdown
-    assert "flagged subspace **S2** ⚑" in markdown and "no subspace flagged" in markdown
+    assert "flagged subspace **S3** ⚑" in markdown and "no subspace flagged" in markdown
     audit = _table(markdown, "| Subspace")
     assert len(audit) == 1 + 4 and all(len(row) == 8 for row in audit)
-    flagged_row = next(row for row in audit if row[0].startswith("**S2"))
+    flagged_row = next(row for row in audit if row[0].startswith("**S3"))
     assert flagged_row[2] == "0.910 (0.50)"  # AP_attribute with its base rate
     assert flagged_row[3] == "0.910 (0.60)"  # AP_attribute on the positive class
 
@@ -109,10 +109,10 @@ def test_text_summary_is_aligned():
     text = text_summary(report, evaluate(RULES, report))
     lines = text.splitlines()
     assert lines[0] == "audit a-123: FAILED (2 of 5 gates)"
-    assert any("flagged: S2" in line for line in lines)
+    assert any("flagged: S3" in line for line in lines)
     header = next(line for line in lines if line.startswith("  subspace"))
-    flagged = next(line for line in lines if line.startswith("  S2 *"))
-    # Columns line up: AP_A of S2 starts where its header does.
+    flagged = next(line for line in lines if line.startswith("  S3 *"))
+    # Columns line up: AP_A of S3 starts where its header does.
     assert flagged.index("0.910 (0.50)") == header.index("AP_A ")
     assert lines[1] == "pruning: cnp at rate 0.30: 288 of 960 filters removed"
     assert "  ! fewer samples than the minimum group size" in lines

@@ -79,10 +79,10 @@ def test_passing_gates_exit_0_and_write_every_file(server, refs, tmp_path, capsy
     assert junit_counts(out / "junit.xml") == (3, 0)  # two attribute values + one accuracy rule
     summary = (out / "summary.md").read_text()
     assert f"## cnp audit `{report['audit_id']}`: PASSED (3 gates)" in summary
-    assert "| **S1 ⚑** |" in summary and "| class 1, wm=0 | 26 |" in summary
+    assert "| **S2 ⚑** |" in summary and "| class 1, wm=0 | 26 |" in summary
     # Plain progress lines on stderr (not a TTY), tables on stdout.
     assert "fit:" in captured.err and f"audit {report['audit_id']} submitted" in captured.err
-    assert "gates: 3/3 passed" in captured.out and "flagged: S1" in captured.out
+    assert "gates: 3/3 passed" in captured.out and "flagged: S2" in captured.out
 
 
 def test_failing_gate_exits_1_through_the_console_script(server, refs, tmp_path):

@@ -116,14 +116,14 @@ def report(flagged: int | None = 1, after: bool = True) -> dict:
 def test_explain_names_the_failed_gates_and_the_evidence_in_one_line():
     line = demo.explain(report(), demo.GATES)
     assert "\n" not in line and line.startswith("Gate failed, as expected")
-    assert "subspace S1 of layer2 detects watermark=1 with AP 0.97 vs. base rate 0.40" in line
+    assert "subspace S2 of layer2 detects watermark=1 with AP 0.97 vs. base rate 0.40" in line
     assert "before pruning: class 0 + watermark=1 at 0.43" in line
     assert "after: class 1 + watermark=0 at 0.81" in line
     assert line.endswith("Failed: max_ap_attribute<=0.8 [watermark=1].")  # 0.81 passes >= 0.7
 
 
 def test_explain_reads_an_omitted_flag_as_subspace_0_and_minus_1_as_none():
-    assert "subspace S0 of layer2 detects watermark=1 with AP 0.55" in demo.explain(
+    assert "subspace S1 of layer2 detects watermark=1 with AP 0.55" in demo.explain(
         report(flagged=None), ["flagged==none"]
     )
     line = demo.explain(report(flagged=-1, after=False), ["worst_group_accuracy>=0.7"])

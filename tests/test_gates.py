@@ -153,6 +153,7 @@ def test_parse_absolute_and_relative_rules():
         ("before.max_ap_attribute<=0.8", "audit metric"),
         ("during.balanced_accuracy>=0.9", "unknown scope"),
         ("balanced_accuracy>=before-0.02", "'before' is a reference only"),
+        ("worst_group_accuracy>=", "nothing after '>='"),
         ("worst_group_accuracy>=baseline-", "cannot read the reference"),
     ],
 )
@@ -179,8 +180,8 @@ def test_audit_rules_apply_per_attribute_value():
     assert checks[1].observed == pytest.approx(0.62)
 
     flagged = evaluate(["flagged==none"], report)
-    assert [(c.passed, c.observed) for c in flagged] == [(False, "S2"), (True, "none")]
-    assert "S2 flagged (AP_attribute 0.910)" in flagged[0].message
+    assert [(c.passed, c.observed) for c in flagged] == [(False, "S3"), (True, "none")]
+    assert "S3 flagged (AP_attribute 0.910)" in flagged[0].message
     assert [c.passed for c in evaluate(["flagged!=none"], report)] == [True, False]
 
 
@@ -219,7 +220,7 @@ def test_omitted_proto3_defaults_read_as_zero():
     report = make_report()
     del report["attributes"][0]["flagged_subspace"]  # 0 is not printed by default
     (check,) = evaluate(["flagged==none"], report)
-    assert check.observed == "S0" and not check.passed
+    assert check.observed == "S1" and not check.passed
     report["after"]["worst_group_accuracy"] = {}  # an all-zero Metric message
     (check,) = evaluate(["worst_group_accuracy>=0.5"], report)
     assert check.observed == 0.0 and not check.passed
