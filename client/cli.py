@@ -28,6 +28,7 @@ from cnp_core.errors import CnpError
 from cnp_core.spec import (
     CONCEPT_METHODS,
     PRUNE_METHODS,
+    PRUNE_SCOPES,
     SCHEDULES,
     SCORES,
     AuditSpec,
@@ -230,6 +231,11 @@ def _audit_options(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--finetune-epochs", type=int, metavar="N")
     prune.add_argument("--learning-rate", type=float, metavar="LR")
     prune.add_argument("--prune-attribute", metavar="NAME", help="attribute to remove")
+    prune.add_argument(
+        "--prune-scope",
+        choices=PRUNE_SCOPES,
+        help="'upstream': only filters that feed the audited layer (default: all)",
+    )
     prune.add_argument("--relearn-subspaces", action="store_true", default=None)
     prune.add_argument("--download-model", metavar="F", help="save the pruned model here")
 
@@ -342,13 +348,22 @@ def spec_from_args(args: argparse.Namespace) -> AuditSpec:
                 learning_rate=args.learning_rate,
                 attribute=args.prune_attribute,
                 relearn_subspaces=args.relearn_subspaces,
+                scope=args.prune_scope,
             )
         )
     elif any(
         value is not None
-        for value in (args.prune_rate, args.prune_schedule, args.prune_steps, args.prune_attribute)
+        for value in (
+            args.prune_rate,
+            args.prune_schedule,
+            args.prune_steps,
+            args.prune_attribute,
+            args.prune_scope,
+        )
     ):
-        raise CliError("--prune-rate, --prune-schedule, --prune-steps need --prune cnp|lrp")
+        raise CliError(
+            "--prune-rate, --prune-schedule, --prune-steps, --prune-scope need --prune cnp|lrp"
+        )
     subspaces = [k for ks in args.subspaces for k in ks] if args.subspaces else None
     return AuditSpec(
         model=model,

@@ -145,6 +145,40 @@ def prunable_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     return convs
 
 
+def upstream_convs(model: nn.Module, layer: str, example_input: torch.Tensor) -> set[str]:
+    """The prunable convolutions whose output reaches ``layer``'s output: the ones whose
+    filter scores a projection after ``layer`` can change (found by autograd, so branches
+    and skips count as the graph says, not as the modules happen to be ordered)."""
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise LayerError(f"unknown layer {layer!r} for the pruning scope")
+    convs = prunable_convs(model)
+    outputs: dict[str, torch.Tensor] = {}
+    target: list[torch.Tensor] = []
+
+    def keep(name: str):
+        def hook(module, inputs, output):
+            outputs[name] = output
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(name)) for name, m in convs.items()]
+    handles.append(modules[layer].register_forward_hook(lambda m, i, o: target.append(o)))
+    training = model.training
+    try:
+        with torch.enable_grad():
+            model.eval()(example_input[:1].detach().clone().requires_grad_(True))
+            names = [n for n in convs if n in outputs]
+            grads = torch.autograd.grad(
+                target[0].sum(), [outputs[n] for n in names], allow_unused=True
+            )
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return {n for n, g in zip(names, grads, strict=True) if g is not None}
+
+
 class _Relevance(torch.autograd.Function):
     """Identity on a conv output; its backward reads the relevance arriving there.
 
@@ -569,7 +603,7 @@ def prune(
     projection: Projection | None = None,
     relearn: Callable[[nn.Module], Projection] | None = None,
     keep_projection: bool = False,
-    composite: str = "epsilon_plus_flat",
+    layer: str = "",
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -584,6 +618,9 @@ def prune(
     steps``, then fine-tunes ``spec.finetune_epochs`` over ``train_loader``; with
     ``spec.relearn_subspaces`` the caller's ``relearn(model)`` returns the next projection.
     ``keep_projection`` folds P into the model itself (exact, see :func:`fold_projection`).
+    ``spec.scope == "upstream"`` ranks only the convolutions that feed the audited layer
+    (the projection's, else ``layer``), for both methods alike; the rate is then a fraction
+    of those filters. ``spec.composite`` names the LRP rules of the scores.
     """
     spec.validate([spec.attribute] if spec.attribute else [])
     if spec.method == "cnp" and projection is None:
@@ -595,6 +632,9 @@ def prune(
         raise InvalidSpec("fine-tuning needs training data (train_loader)")
     if spec.method == "cnp" and spec.relearn_subspaces and relearn is None:
         raise InvalidSpec("relearn_subspaces needs a relearn(model) callback")
+    scope_layer = projection.layer if projection is not None else layer
+    if spec.scope == "upstream" and not scope_layer:
+        raise InvalidSpec("prune.scope 'upstream' needs the audited layer")
     if spec.method == "lrp":
         projection = None
     images, targets = reference
@@ -605,6 +645,9 @@ def prune(
     if keep_projection and projection is not None:
         work = fold_projection(work, projection)
     groups = channel_groups(work, example)
+    if spec.scope == "upstream":
+        feeding = upstream_convs(work, scope_layer, example)
+        groups = [g for g in groups if set(g.convs) <= feeding]
     selection = Selection({}, {}, {}, sum(g.size * len(g.convs) for g in groups))
     history = []
     for step in range(1, spec.steps + 1):
@@ -616,7 +659,7 @@ def prune(
             work.eval(),
             images,
             targets,
-            composite=composite,
+            composite=spec.composite,
             projection=projection,
             batch_size=batch_size,
             device=device,
@@ -741,7 +784,7 @@ def prune_from_audit(spec, model, table, splits, audits, bases, keys, result, wo
         train_loader=train_loader,
         projection=projection,
         relearn=relearn,
-        composite=spec.composite,
+        layer=projection.layer if projection is not None else spec.layers[0],
         batch_size=spec.batch_size,
         device=spec.device,
         seed=spec.seed,

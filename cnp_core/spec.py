@@ -15,6 +15,7 @@ CONCEPT_METHODS = ("drsa", "prca", "pca", "random", "cav")
 SCORES = ("share", "raw")
 PRUNE_METHODS = ("cnp", "lrp")
 SCHEDULES = ("oneshot", "iterative")
+PRUNE_SCOPES = ("all", "upstream")
 
 
 @dataclass
@@ -51,6 +52,10 @@ class PruneSpec:
     reference_per_class: int = 32  # reference images per class for the filter scores
     relearn_subspaces: bool = False  # re-fit the concept basis after each fine-tuning round
     attribute: str = ""  # which audited attribute to remove; default: the first
+    # "all" prunable convolutions, or only those "upstream" of the audited layer: the
+    # projection changes no score below it, so there both methods would prune alike.
+    scope: str = "all"
+    composite: str = "epsilon_plus_flat"  # LRP rules of the filter scores
 
     def validate(self, attributes: list[str]) -> None:
         if self.method not in PRUNE_METHODS:
@@ -62,6 +67,10 @@ class PruneSpec:
         if self.schedule not in SCHEDULES:
             raise InvalidSpec(
                 f"prune.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.scope not in PRUNE_SCOPES:
+            raise InvalidSpec(
+                f"prune.scope must be one of {', '.join(PRUNE_SCOPES)}, got {self.scope!r}"
             )
         if self.steps < 1 or self.finetune_epochs < 0 or self.reference_per_class < 1:
             raise InvalidSpec(

@@ -32,6 +32,7 @@ from cnp_core.pruning import (
     reference_indices,
     select_filters,
     union_projection,
+    upstream_convs,
 )
 from cnp_core.spec import PruneSpec
 from cnp_core.subspaces import ConceptBasis
@@ -160,6 +161,39 @@ def test_cnp_zeroes_filters_that_write_only_the_spurious_channels(resnet, images
     b = select_filters(cnp, 0.3).removed
     assert set(channels) <= set(b["layer2.1.conv2"])
     assert a != b
+
+
+def test_upstream_convs_follow_the_graph():
+    resnet = torchvision.models.resnet18(num_classes=2)
+    x = torch.zeros(1, 3, 32, 32)
+    expected = {"conv1"} | {
+        name
+        for name, m in resnet.named_modules()
+        if isinstance(m, nn.Conv2d) and name.startswith(("layer1.", "layer2."))
+    }
+    assert upstream_convs(resnet, "layer2", x) == expected
+    assert "layer2.0.downsample.0" in expected  # the skip path counts too
+    vgg = torchvision.models.vgg11(num_classes=2)  # in-place ReLUs after every conv
+    assert upstream_convs(vgg, "features.10", x) == {f"features.{i}" for i in (0, 3, 6, 8)}
+    with pytest.raises(LayerError, match="unknown layer"):
+        upstream_convs(resnet, "layer9", x)
+
+
+def test_upstream_scope_prunes_only_what_feeds_the_audited_layer(resnet, images):
+    p = np.eye(128)
+    p[:8, :8] -= np.eye(8)
+    feeding = upstream_convs(resnet, "layer2", images[0])
+    total = sum(resnet.get_submodule(n).out_channels for n in feeding)
+    for method in ("lrp", "cnp"):
+        spec = PruneSpec(method=method, rate=0.3, scope="upstream")
+        out = prune(resnet, spec, images, projection=Projection("layer2", p))
+        assert set(out.summary.removed) <= feeding
+        assert out.summary.filters_total == total
+        assert abs(out.summary.filters_removed - round(0.3 * total)) <= 4
+    with pytest.raises(InvalidSpec, match="audited layer"):
+        prune(resnet, PruneSpec(method="lrp", scope="upstream"), images)
+    with pytest.raises(InvalidSpec, match="scope"):
+        PruneSpec(scope="downstream").validate([])
 
 
 def test_union_of_subspaces_is_removed(resnet, images):
