@@ -77,7 +77,7 @@ def collect_instances(
     """Activations and contexts at every tapped layer, explaining class ``target``."""
     parts: dict[str, list] = {name: [] for name in explainer.taps}
     for images, ids in _batches(loader, cancelled, progress):
-        out = explainer.explain(images, torch.full((len(ids),), target))
+        out = explainer.explain(images, torch.full((len(ids),), target), input_relevance=False)
         for name in parts:
             a, c = sample_positions(
                 out.activations[name], out.contexts[name], ids.tolist(), per_image, seed
@@ -119,7 +119,9 @@ def collect_relevance(
         (layer, j): [] for layer, items in bases.items() for j in range(len(items))
     }
     for images, batch_ids in _batches(loader, cancelled, progress):
-        out = explainer.explain(images, torch.full((len(batch_ids),), target))
+        out = explainer.explain(
+            images, torch.full((len(batch_ids),), target), input_relevance=False
+        )
         ids.append(batch_ids.numpy())
         logits.append(out.logits.cpu().numpy())
         for layer, chunks in totals.items():

@@ -8,23 +8,29 @@ convolution, linear or pooling rule) are switched into a *context mode* in which
 reducer returns sum_i slope_i * g_i (the rule's gradient before the multiplication by its
 input), and a tap on a turns that message back into R = a * c for the layers below, so
 the input heatmap stays the ordinary LRP heatmap.
+
+Cost: when only a and c are wanted (collection), nothing below the lowest tapped layer
+enters the autograd graph, so no rule below it runs. zennit's rules replace each layer's
+native input gradient, so that gradient is not computed (a zero stands in for it), and
+z+ skips its negative-input branch behind a ReLU. Each of these leaves c unchanged.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import COMPOSITES
-from zennit.core import BasicHook, Composite, Hook
-from zennit.rules import Pass
+from zennit.core import BasicHook, Composite, Hook, Stabilizer
+from zennit.rules import Pass, ZPlus
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
-from zennit.types import Activation
+from zennit.types import Activation, Convolution, Linear
 
 from .errors import InvalidSpec, LayerError
 
@@ -62,14 +68,62 @@ def composite_names() -> list[str]:
     return sorted([*COMPOSITES, GRADIENT])
 
 
+def _sum_of_products(inputs, gradients) -> torch.Tensor:
+    """ZPlus's reducer, sum_i x_i * g_i, for however many branches ran."""
+    return sum(x * g for x, g in zip(inputs, gradients, strict=True))
+
+
+class NonNegativeZPlus(ZPlus):
+    """zennit's ZPlus (alpha=1, beta=0) that skips its negative-input branch when the
+    layer input has no negative entry, as behind every ReLU.
+
+    ZPlus sums two branches: z+ = conv(x.clamp(min=0), W+, b+) and
+    z- = conv(x.clamp(max=0), W-, 0), and R_in = x+ * g+ + x- * g-. For x >= 0, x- = 0,
+    so z- = 0 and x- * g- = 0: the first branch alone gives the same relevance (to the
+    bit) at half the cost. Inputs with a negative entry get the full rule.
+    """
+
+    def __init__(self, stabilizer=1e-6, zero_params=None):
+        super().__init__(stabilizer=stabilizer, zero_params=zero_params)
+        stabilize = Stabilizer.ensure(stabilizer)
+        self.gradient_mapper = lambda out_grad, outputs: (
+            [out_grad / stabilize(sum(outputs))] * len(outputs)
+        )
+        self.reducer = _sum_of_products
+
+    def backward(self, module, grad_input, grad_output):
+        if bool(self.stored_tensors["input"][0].min() < 0):
+            return super().backward(module, grad_input, grad_output)
+        both = self.input_modifiers, self.param_modifiers, self.output_modifiers
+        self.input_modifiers, self.param_modifiers, self.output_modifiers = (m[:1] for m in both)
+        try:
+            return super().backward(module, grad_input, grad_output)
+        finally:
+            self.input_modifiers, self.param_modifiers, self.output_modifiers = both
+
+
+# zennit composites whose ZPlus rule (on these module types) NonNegativeZPlus replaces.
+_ZPLUS_LAYERS = {
+    "epsilon_plus": Convolution,
+    "epsilon_plus_flat": Convolution,
+    "excitation_backprop": Linear,  # zennit's Linear: dense layers and convolutions
+}
+
+
 def make_composite(name: str, model: nn.Module, **options) -> Composite | None:
     """The zennit composite registered as ``name`` (e.g. ``epsilon_plus_flat``) with
-    canonizers; None for ``gradient``. ``options`` go to the composite (e.g. ``epsilon``).
+    canonizers; None for ``gradient``. ``options`` go to the composite (e.g. ``epsilon``);
+    a ``layer_map`` there takes precedence over the composite's own rules.
     """
     if name == GRADIENT:
         return None
     if name not in COMPOSITES:
         raise InvalidSpec(f"composite must be one of {', '.join(composite_names())}, got {name!r}")
+    if name in _ZPLUS_LAYERS:
+        rule = NonNegativeZPlus(
+            stabilizer=options.get("stabilizer", 1e-6), zero_params=options.get("zero_params")
+        )
+        options["layer_map"] = [*(options.get("layer_map") or []), (_ZPLUS_LAYERS[name], rule)]
     return COMPOSITES[name](canonizers=canonizers_for(model), **options)
 
 
@@ -113,11 +167,18 @@ class LayerTap:
     context: torch.Tensor | None = None
     node: object = None  # the tap's autograd node in the current graph
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    leaves: list[torch.Tensor] | None = None  # set when the forward below runs without a graph
 
     def hook(self, module: nn.Module, inputs, output):
         if not isinstance(output, torch.Tensor):
             raise LayerError(f"layer {self.name!r} returns {type(output).__name__}, not a tensor")
         self.activation = output.detach().clone()
+        if self.leaves is not None and not output.requires_grad:
+            # Layer-only pass: everything below ran without a graph. From here on the
+            # forward builds one (and zennit's rule hooks engage), starting at a leaf.
+            torch.set_grad_enabled(True)
+            output = output.detach().requires_grad_(True)
+            self.leaves.append(output)
         tapped = _Tap.apply(output, self)
         self.node = tapped.grad_fn
         return tapped
@@ -150,6 +211,36 @@ def _context_reducer(hook: BasicHook) -> Callable:
     return context
 
 
+class _NoNativeBackward(torch.autograd.Function):
+    """A ruled layer's output y, detached from the layer's own graph. zennit computes the
+    layer's native input gradient and then replaces it with its rule's relevance (a hook
+    on the layer input); here autograd hands that hook a free zero tensor instead."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.input_like = x.shape, x.dtype, x.device
+        return y.detach()  # not y itself: that would be a view, barring in-place ops
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.input_like
+        return torch.zeros((), dtype=dtype, device=device).expand(shape), None
+
+
+def _without_native_backward(rule: BasicHook, module: nn.Module, inputs, output):
+    """Forward hook: skip the native backward of a layer whose gradient ``rule`` replaces
+    (one tensor input, so zennit's rule hook returns the relevance for it)."""
+    if (
+        rule.active
+        and len(inputs) == 1
+        and isinstance(output, Tensor)
+        and output.requires_grad
+        and inputs[0].requires_grad
+    ):
+        return _NoNativeBackward.apply(inputs[0], output.detach())
+    return None
+
+
 @dataclass
 class Explanation:
     """One batch explained from the target logits down to the input."""
@@ -157,7 +248,7 @@ class Explanation:
     logits: torch.Tensor  # N x classes
     activations: dict[str, torch.Tensor]  # layer -> a, N x d x H x W (or N x d)
     contexts: dict[str, torch.Tensor]  # layer -> c, same shape; R = a * c
-    input_relevance: torch.Tensor  # N x C x H x W: the LRP heatmap
+    input_relevance: torch.Tensor | None  # N x C x H x W: the LRP heatmap (None if not asked)
 
 
 class Explainer:
@@ -201,8 +292,13 @@ class Explainer:
         for name, module in self._tapped_modules.items():
             self._handles.append(module.register_forward_hook(self.taps[name].hook))
         for module in self.model.modules():
-            if _rule_of(module) is not None:
+            rule = _rule_of(module)
+            if rule is not None:
                 self._handles.append(module.register_forward_pre_hook(self._record_input))
+            if isinstance(rule, BasicHook) and isinstance(getattr(module, "weight", None), Tensor):
+                # First of the forward hooks: zennit's then see the lean output.
+                hook = functools.partial(_without_native_backward, rule)
+                self._handles.append(module.register_forward_hook(hook, prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -279,19 +375,36 @@ class Explainer:
         images: torch.Tensor,
         targets: torch.Tensor,
         transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        *,
+        input_relevance: bool = True,
     ) -> Explanation:
         """Explain the logits ``targets`` (one class index per image) of ``images``.
 
         ``transforms`` maps a layer to f applied to its context before the relevance
         a * f(c) continues downwards (e.g. a subspace projection for subspace heatmaps).
+        With ``input_relevance=False`` only the activations and contexts are wanted: the
+        forward below the lowest tapped layer builds no graph and the backward stops there
+        (the context at L depends only on the rules above L), so no rule below L runs.
         """
         for name, tap in self.taps.items():
             tap.transform = (transforms or {}).get(name)
-        images = images.to(self.device).detach().requires_grad_(True)  # never the caller's
-        with torch.enable_grad():
+        # The first batch always runs the full graph: it tells which rules consume a.
+        layer_only = not input_relevance and self._consumers_found
+        leaves: list[torch.Tensor] = []
+        images = images.to(self.device).detach()  # never the caller's
+        if not layer_only:
+            images.requires_grad_(True)
+            leaves.append(images)
+        for tap in self.taps.values():
+            tap.leaves = leaves if layer_only else None
+        # Layer-only: grad is off until the first tap switches it on (see LayerTap.hook);
+        # the context manager restores the caller's mode whatever happened inside.
+        with torch.set_grad_enabled(not layer_only):
             logits = self.model(images)
             if not self._consumers_found:
                 self._find_consumers()
+            if not logits.requires_grad:
+                raise LayerError("no tapped layer was reached by the forward pass")
             # The explained quantity is the target logit itself (zennit starts from the
             # gradient it is handed, which here is the initial relevance); plain
             # gradients start from 1, so that a * grad sums to about the logit.
@@ -300,15 +413,15 @@ class Explainer:
             picked = targets.to(self.device)
             initial = logits.detach() if self._composite is not None else torch.ones_like(logits)
             start[rows, picked] = initial[rows, picked]
-            (relevance,) = torch.autograd.grad(logits, images, start)
+            grads = torch.autograd.grad(logits, leaves, start, allow_unused=layer_only)
         explanation = Explanation(
             logits=logits.detach(),
             activations={name: tap.activation for name, tap in self.taps.items()},
             contexts={name: tap.context for name, tap in self.taps.items()},
-            input_relevance=relevance.detach(),
+            input_relevance=None if layer_only or not input_relevance else grads[0].detach(),
         )
         for tap in self.taps.values():
-            tap.activation = tap.context = tap.node = tap.transform = None
+            tap.activation = tap.context = tap.node = tap.transform = tap.leaves = None
         return explanation
 
 

@@ -1,11 +1,24 @@
-"""Streaming collection: seeded position sampling independent of batching; heatmap files."""
+"""Streaming collection: seeded position sampling independent of batching, rows from the
+layer-only LRP pass; heatmap files."""
 
 import numpy as np
+import pytest
 import torch
+import torchvision
 from PIL import Image
 
-from cnp_core.collect import sample_positions
+from cnp_core.collect import collect_instances, sample_positions
 from cnp_core.heatmaps import save_heatmap_grid
+from cnp_core.lrp import Explainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on the shared cores, two OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_positions_depend_on_image_and_seed_not_on_the_batch():
@@ -36,3 +49,19 @@ def test_heatmap_grid_is_a_png_with_one_row_per_image(tmp_path):
     with Image.open(path) as image:
         width, height = image.size
     assert image.format == "PNG" and width > height > 100
+
+
+def test_collected_rows_are_those_of_the_full_lrp_pass():
+    # collect_instances takes the layer-only pass; the rows must be the full pass's.
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("resnet18", num_classes=2).eval()
+    images = torch.randn(6, 3, 32, 32)
+    loader = [(images[:3], torch.arange(3)), (images[3:], torch.arange(3, 6))]
+    with Explainer(model, ["layer3"]) as explainer:
+        got = collect_instances(explainer, loader, 1, per_image=5, seed=2)["layer3"]
+        full = explainer.explain(images, torch.ones(6, dtype=torch.long))
+    a, c = sample_positions(full.activations["layer3"], full.contexts["layer3"], range(6), 5, 2)
+    np.testing.assert_array_equal(got.image_ids, np.repeat(np.arange(6), 5))
+    np.testing.assert_allclose(got.activations, a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.contexts, c, rtol=1e-5, atol=1e-6 * np.abs(c).max())
+    assert np.abs(c).max() > 0 and (a == 0).any()

@@ -5,11 +5,21 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from zennit.rules import ZPlus
 
 from cnp_core.errors import LayerError
-from cnp_core.lrp import Explainer
+from cnp_core.lrp import Explainer, NonNegativeZPlus, _rule_of
 
 EPS = 1e-6  # zennit's default stabiliser
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on the shared cores, two OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _stabilize(z: torch.Tensor) -> torch.Tensor:
@@ -73,12 +83,14 @@ def test_context_equals_gradient_trick_lrp(small_cnn):
     target = torch.tensor([0, 1, 2, 1, 0])
     with Explainer(small_cnn, ["features.4"], composite="epsilon_plus") as explainer:
         out = explainer.explain(x, target)
+        lean = explainer.explain(x, target, input_relevance=False)  # no graph below the layer
     a, c = out.activations["features.4"], out.contexts["features.4"]
     a_ref, c_ref = _trick_context(small_cnn, x, target)
 
     torch.testing.assert_close(a, a_ref)
     rel_error = (c - c_ref).norm() / c_ref.norm()
     assert rel_error < 1e-5
+    assert (lean.contexts["features.4"] - c_ref).norm() / c_ref.norm() < 1e-5
     zeros = a == 0
     assert zeros.float().mean() > 0.2  # the comparison covers many zero activations
     assert c[zeros].abs().sum() > 0  # the context is defined where a = 0: not R / a
@@ -172,3 +184,90 @@ def test_layers_that_cannot_be_audited_say_why(arch, layer, message):
     model = torchvision.models.get_model(arch, num_classes=2)
     with pytest.raises(LayerError, match=message), Explainer(model, [layer]) as explainer:
         explainer.explain(torch.randn(1, 3, 32, 32), torch.tensor([0]))
+
+
+def _rule_relevance(rule, conv: nn.Conv2d, x: torch.Tensor, upstream: torch.Tensor):
+    """Relevance at the input of ``conv`` under ``rule``, and how often conv ran."""
+    calls = []
+    forward = conv.forward
+
+    def counted(inp):
+        calls.append(1)
+        return forward(inp)
+
+    conv.forward = counted
+    handles = rule.register(conv)
+    try:
+        x = x.clone().requires_grad_(True)
+        (relevance,) = torch.autograd.grad(conv(x), x, upstream)
+    finally:
+        handles.remove()
+        del conv.forward
+    return relevance, len(calls)
+
+
+def test_nonnegative_zplus_is_zennit_zplus_at_half_the_cost():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()  # with a bias: z+ gets b+ only
+    upstream = torch.randn(3, 6, 7, 7, dtype=torch.float64)
+    after_relu = torch.randn(3, 4, 7, 7, dtype=torch.float64).clamp(min=0)
+    mixed = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    for x, branches in ((after_relu, 1), (mixed, 2)):
+        expected, _ = _rule_relevance(ZPlus(), conv, x, upstream)
+        got, calls = _rule_relevance(NonNegativeZPlus(), conv, x, upstream)
+        assert torch.equal(got, expected)
+        assert calls == 1 + branches  # the model's forward, then the rule's branches
+    assert (after_relu == 0).any() and expected.abs().sum() > 0
+
+
+def _count_backward(module: nn.Module) -> list:
+    """A list that grows by one each time the LRP rule of ``module`` runs."""
+    rule, calls = _rule_of(module), []
+    backward = rule.backward
+
+    def counted(*args):
+        calls.append(1)
+        return backward(*args)
+
+    rule.backward = counted
+    return calls
+
+
+def test_layer_only_pass_equals_the_full_pass_without_the_rules_below():
+    # Two taps and a transform on the upper one: the lower context depends on it.
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("resnet18", num_classes=2).eval()
+    x, target = torch.randn(3, 3, 32, 32), torch.tensor([1, 0, 1])
+    layers = ["layer2", "layer3"]
+    transforms = {"layer3": lambda c: c * (torch.arange(256) % 2).view(1, -1, 1, 1)}
+    with Explainer(model, layers) as explainer:
+        modules = dict(explainer.model.named_modules())
+        counts = {
+            name: _count_backward(modules[name]) for name in ("layer1.0.conv1", "layer3.0.conv1")
+        }
+        full = explainer.explain(x, target, transforms)
+        ran_full = {name: len(calls) for name, calls in counts.items()}
+        lean = explainer.explain(x, target, transforms, input_relevance=False)
+        untransformed = explainer.explain(x, target, input_relevance=False).contexts["layer2"]
+    assert full.input_relevance is not None and lean.input_relevance is None
+    assert not torch.allclose(untransformed, lean.contexts["layer2"])
+    torch.testing.assert_close(lean.logits, full.logits, rtol=1e-6, atol=1e-6)
+    for layer in layers:
+        assert torch.equal(lean.activations[layer], full.activations[layer])
+        torch.testing.assert_close(lean.contexts[layer], full.contexts[layer], rtol=1e-5, atol=0)
+    assert ran_full == {"layer1.0.conv1": 1, "layer3.0.conv1": 1}
+    assert len(counts["layer1.0.conv1"]) == 1  # no rule below the lowest tap ran again
+    assert len(counts["layer3.0.conv1"]) == 3  # the rules between the taps did
+
+
+def test_conv_backward_runs_only_inside_the_rules(small_cnn):
+    # zennit's native conv backward is skipped (its rule replaces it), and z+ runs one
+    # branch behind a ReLU: 2 for the first conv (signed pixels) + 1 + 1 for the others.
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with Explainer(small_cnn, ["features.4"], composite="epsilon_plus") as explainer:
+        explainer.explain(x, torch.tensor([0, 1]))  # the first pass finds the consumers
+        with torch.profiler.profile() as prof:
+            out = explainer.explain(x, torch.tensor([0, 1]))
+    names = [event.name for event in prof.events()]
+    assert names.count("aten::convolution_backward") == 4
+    assert out.input_relevance.abs().sum() > 0
