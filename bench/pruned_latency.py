@@ -2,11 +2,12 @@
 
 The models are pruned through the public path, ``cnp_core.pruning.prune`` with vanilla
 LRP scores (``PruneSpec(method="lrp")``, one-shot, global ranking, coupled channels
-removed together by Torch-Pruning's dependency graph), and the ``compact`` model it
-returns is timed on the CPU at batch 1 and batch 32 against the unpruned model, all
-models interleaved round by round, medians compared. Random-init torchvision models
-(seeded) scored on generated reference images: latency does not depend on the weights,
-only on which channels go.
+removed together by Torch-Pruning's dependency graph; the hidden neurons of the fully
+connected layers, e.g. VGG's classifier, go at the same rate, ranked apart from the
+filters), and the ``compact`` model it returns is timed on the CPU at batch 1 and batch
+32 against the unpruned model, all models interleaved round by round, medians compared.
+Random-init torchvision models (seeded) scored on generated reference images: latency
+does not depend on the weights, only on which channels go.
 
 Two baselines. The compact model cnp ships is inference-ready (BatchNorms folded into
 their convolutions, channels-last weights: ``cnp_core.export.for_inference``), so the
@@ -85,6 +86,8 @@ def _one(arch: str, size: int, quick: bool) -> tuple[list[common.Check], dict[st
         pruning[f"{rate:.0%}"] = {
             "filters_removed": out.summary.filters_removed,
             "filters_total": out.summary.filters_total,
+            "neurons_removed": out.summary.neurons_removed,
+            "neurons_total": out.summary.neurons_total,
             "seconds": out.history[0].seconds,
         }
     example = reference[0][:1]

@@ -5,20 +5,26 @@ with R the LRP relevance at the conv's output explaining the one-hot true class:
 
     score(l, c) = sum_n | sum_{h,w} R(n, c, h, w) |
 
+and the same for the neurons j of every hidden fully connected layer l (each nn.Linear
+but the model's output layer): score(l, j) = sum_n |R(n, j)| at the Linear's output.
+
 CNP computes the same scores through an attribution copy in which the projection
 P = I - U_s U_s^T (the flagged concept subspace removed) sits right after the audited
 layer L as a bias-free 1x1 convolution with the Epsilon rule, so the relevance that
 reached the model's decision through the spurious subspace is zero, and filters that
 served only that subspace score ~0. Vanilla LRP pruning is the same path without P.
 
-Filters are ranked globally over all prunable convolutions (no per-layer normalisation).
-Channels that Torch-Pruning's dependency graph couples (e.g. a ResNet's residual stream)
-form one unit whose score is the mean of its filters' scores; the lowest units are
-removed until the requested fraction of filters is gone, keeping at least one channel
-per group. Two schedules: one-shot (PXP) and iterative (Yeom: prune a step, fine-tune,
-recompute the scores, repeat). The pruned model comes out twice, from one selection:
-``masked`` (same architecture, dead channels zeroed) and ``compact`` (channels removed
-by Torch-Pruning), which compute the same function.
+Filters are ranked globally over all prunable convolutions (no per-layer normalisation),
+and hidden neurons globally over all hidden Linears, apart from the filters: LRP conserves
+relevance layer by layer and a neuron's share of it is far smaller than a filter's, so
+one joint ranking would remove the neurons first. Channels that Torch-Pruning's
+dependency graph couples (e.g. a ResNet's residual stream) form one unit whose score is
+the mean of its filters' scores; the lowest units are removed until the requested
+fraction of the filters (and, separately, of the hidden neurons) is gone, keeping at
+least one channel per group. Two schedules: one-shot (PXP) and iterative (Yeom: prune a
+step, fine-tune, recompute the scores, repeat). The pruned model comes out twice, from
+one selection: ``masked`` (same architecture, dead channels zeroed) and ``compact``
+(channels removed by Torch-Pruning), which compute the same function.
 """
 
 from __future__ import annotations
@@ -133,26 +139,71 @@ def _composite(name: str, model: nn.Module, projected: bool):
 # ------------------------------------------------------------------ filter scores
 
 
-def prunable_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """Convolutions whose output channels (filters) can be ranked: dense Conv2d layers."""
-    convs = {
+def _dense_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    return {
         name: m
         for name, m in model.named_modules()
         if isinstance(m, nn.Conv2d) and not isinstance(m, ConceptProjection) and m.groups == 1
     }
+
+
+def prunable_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """Convolutions whose output channels (filters) can be ranked: dense Conv2d layers."""
+    convs = _dense_convs(model)
     if not convs:
         raise LayerError("the model has no prunable convolution (dense nn.Conv2d)")
     return convs
+
+
+def _linears_in_run_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Names of the nn.Linear layers in the order they first run in one eval forward pass."""
+    names = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            names.setdefault(m, name)
+    order: list[str] = []
+
+    def hook(module, inputs, output):
+        if names[module] not in order:
+            order.append(names[module])
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    training = model.training
+    param = next(model.parameters(), None)
+    try:
+        with torch.no_grad():
+            model.eval()(example_input[:1].to(param.device if param is not None else "cpu"))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def hidden_linears(model: nn.Module, example_input: torch.Tensor) -> dict[str, nn.Linear]:
+    """Fully connected layers whose output neurons can be ranked: every nn.Linear that runs
+    in a forward pass except the last one to run, the model's output layer (its neurons
+    are the classes). Found with one forward pass of ``example_input[:1]``."""
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in _linears_in_run_order(model, example_input)[:-1]}
 
 
 def upstream_convs(model: nn.Module, layer: str, example_input: torch.Tensor) -> set[str]:
     """The prunable convolutions whose output reaches ``layer``'s output: the ones whose
     filter scores a projection after ``layer`` can change (found by autograd, so branches
     and skips count as the graph says, not as the modules happen to be ordered)."""
-    modules = dict(model.named_modules())
-    if layer not in modules:
+    if layer not in dict(model.named_modules()):
         raise LayerError(f"unknown layer {layer!r} for the pruning scope")
-    convs = prunable_convs(model)
+    return _reaching(model, layer, example_input, prunable_convs(model))
+
+
+def _reaching(
+    model: nn.Module, layer: str, example_input: torch.Tensor, candidates: dict[str, nn.Module]
+) -> set[str]:
+    """The ``candidates`` (name -> module) whose output reaches ``layer``'s output."""
+    if not candidates:
+        return set()
+    modules = dict(model.named_modules())
     outputs: dict[str, torch.Tensor] = {}
     target: list[torch.Tensor] = []
 
@@ -162,13 +213,13 @@ def upstream_convs(model: nn.Module, layer: str, example_input: torch.Tensor) ->
 
         return hook
 
-    handles = [m.register_forward_hook(keep(name)) for name, m in convs.items()]
+    handles = [m.register_forward_hook(keep(name)) for name, m in candidates.items()]
     handles.append(modules[layer].register_forward_hook(lambda m, i, o: target.append(o)))
     training = model.training
     try:
         with torch.enable_grad():
             model.eval()(example_input[:1].detach().clone().requires_grad_(True))
-            names = [n for n in convs if n in outputs]
+            names = [n for n in candidates if n in outputs]
             grads = torch.autograd.grad(
                 target[0].sum(), [outputs[n] for n in names], allow_unused=True
             )
@@ -198,6 +249,11 @@ class _Relevance(torch.autograd.Function):
         return relevance, None
 
 
+def _width(module: nn.Module) -> int:
+    """Output channels of a conv, output neurons of a Linear."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
 def _batches(n: int, size: int) -> Iterable[slice]:
     return (slice(i, min(i + size, n)) for i in range(0, n, size))
 
@@ -212,30 +268,38 @@ def filter_scores(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """score(l, c) = sum_n |sum_{h,w} R(n, c, h, w)| for every prunable conv l (CPU tensors).
+    """score(l, c) = sum_n |sum_{h,w} R(n, c, h, w)| for every prunable conv l, and
+    score(l, j) = sum_n |R(n, j)| for every hidden Linear l (:func:`hidden_linears`), as
+    CPU tensors keyed by layer name.
 
     R is the LRP relevance (``composite``, canonizers merging BatchNorm into the convs, so
-    R is taken after the merged BatchNorm) at each conv's output, starting from the
+    R is taken after the merged BatchNorm) at each layer's output, starting from the
     one-hot true class ``targets``. With ``projection`` (CNP), P is inserted after its
     layer in the attribution copy; the caller's model is never modified.
     """
     if len(images) != len(targets) or len(images) == 0:
         raise InvalidSpec("filter scores need a non-empty reference set with one target each")
-    convs = prunable_convs(model)
     device = torch.device(device)
     clone = attribution_copy(model).to(device)
     modules = dict(clone.named_modules())
-    watched = {name: modules[name] for name in convs}  # by identity: names shift below P
+    layers: dict[str, nn.Module] = {**_dense_convs(clone), **hidden_linears(clone, images)}
+    if not layers:
+        raise LayerError(
+            "the model has no prunable convolution (dense nn.Conv2d) or hidden linear layer"
+        )
+    watched = {name: modules[name] for name in layers}  # by identity: names shift below P
     if projection is not None:
         insert_projection(clone, projection)
         layer = dict(clone.named_modules())[projection.layer][0]
-    scores = {
-        name: torch.zeros(conv.out_channels, dtype=torch.float64) for name, conv in convs.items()
-    }
+    scores = {name: torch.zeros(_width(m), dtype=torch.float64) for name, m in watched.items()}
     calls = [0]
 
     def recorder(name: str):
+        linear = isinstance(watched[name], nn.Linear)
+
         def sink(relevance: torch.Tensor) -> None:
+            if linear:  # neurons on the last axis (also for N x T x d inputs)
+                relevance = relevance.movedim(-1, 1)
             dims = tuple(range(2, relevance.dim()))
             per_image = relevance.sum(dim=dims) if dims else relevance
             scores[name] += per_image.abs().sum(0).double().cpu()
@@ -294,17 +358,25 @@ def reference_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarr
 @dataclass
 class ChannelGroup:
     """Output channels Torch-Pruning couples: removing root channel i removes, in every
-    module of ``outputs``, the channel ``outputs[module][i]`` (convs and BatchNorms)."""
+    module of ``outputs``, the channel ``outputs[module][i]`` (convs, Linears, BatchNorms).
+
+    ``kind`` is "filter" for a group rooted at a convolution and "neuron" for one rooted
+    at a hidden Linear; the two kinds are ranked separately.
+    """
 
     root: str
     size: int
     outputs: dict[str, list[int]]
-    convs: list[str]  # the scored convolutions among ``outputs`` (one filter each per channel)
+    # The scored layers among ``outputs``, one unit each per root channel: convolutions
+    # (filters) in a "filter" group, hidden Linears (neurons) in a "neuron" group.
+    convs: list[str]
+    kind: str = "filter"
 
 
 class LRPImportance(tp.importance.Importance):
-    """Torch-Pruning importance from LRP filter scores: for every root channel of a group,
-    the mean of score(l, c) over the coupled convolutions l (no per-layer normalisation)."""
+    """Torch-Pruning importance from LRP scores: for every root channel of a group, the
+    mean of score(l, c) over the coupled scored layers l (convolutions, or hidden Linears
+    for a group rooted at one; no per-layer normalisation)."""
 
     def __init__(self, scores: dict[str, torch.Tensor], names: dict[nn.Module, str]):
         self.scores = scores
@@ -325,11 +397,15 @@ class LRPImportance(tp.importance.Importance):
         return None if total is None else total / count.clamp(min=1)
 
 
-_OUTPUT_HANDLERS = (tp.prune_conv_out_channels, tp.prune_batchnorm_out_channels)
+_OUTPUT_HANDLERS = (
+    tp.prune_conv_out_channels,
+    tp.prune_linear_out_channels,
+    tp.prune_batchnorm_out_channels,
+)
 
 
 def _is_output(item) -> bool:
-    """Does this group item remove output channels (of a conv or a BatchNorm)?"""
+    """Does this group item remove output channels (of a conv, a Linear or a BatchNorm)?"""
     # Handlers are bound methods, a new object on every access: compare with ==, never `is`.
     return any(item.dep.handler == handler for handler in _OUTPUT_HANDLERS)
 
@@ -343,24 +419,42 @@ def _graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
         )
 
 
+def _root_handler(module: nn.Module):
+    """Torch-Pruning's handler removing the output channels of a group's root."""
+    if isinstance(module, nn.Linear):
+        return tp.prune_linear_out_channels
+    return tp.prune_conv_out_channels
+
+
 def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
-    """Every group of coupled output channels rooted at a prunable convolution."""
+    """Every group of coupled output channels rooted at a prunable convolution ("filter"
+    groups) or at a hidden Linear ("neuron" groups). The model's output layer is left
+    out, and so is every group that would remove its outputs (the classes)."""
     clean = copy.deepcopy(model).cpu()
-    graph = _graph(clean, example_input.cpu())
+    x = example_input[:1].cpu()
+    hidden = hidden_linears(clean, x)
+    graph = _graph(clean, x)
     names = {m: n for n, m in clean.named_modules()}
-    prunable = set(prunable_convs(clean))
+    scored = {"filter": set(_dense_convs(clean)), "neuron": set(hidden)}
+    output_layers = [
+        m for m, name in names.items() if isinstance(m, nn.Linear) and name not in hidden
+    ]
     groups = []
-    for group in graph.get_all_groups(root_module_types=[nn.Conv2d]):
+    for group in graph.get_all_groups(
+        ignored_layers=output_layers, root_module_types=[nn.Conv2d, nn.Linear]
+    ):
+        root_module = group[0].dep.target.module
+        kind = "neuron" if isinstance(root_module, nn.Linear) else "filter"
         outputs: dict[str, list[int]] = {}
         for item in group:
             module = item.dep.target.module
-            if _is_output(item) and isinstance(module, nn.Conv2d | _BatchNorm):
+            if _is_output(item) and isinstance(module, nn.Conv2d | nn.Linear | _BatchNorm):
                 order = np.argsort(item.root_idxs)
                 outputs[names[module]] = [int(item.idxs[i]) for i in order]
-        convs = [name for name in outputs if name in prunable]
+        convs = [name for name in outputs if name in scored[kind]]
         if convs:
-            root = names[group[0].dep.target.module]
-            groups.append(ChannelGroup(root, len(outputs[root]), outputs, convs))
+            root = names[root_module]
+            groups.append(ChannelGroup(root, len(outputs[root]), outputs, convs, kind))
     return groups
 
 
@@ -371,14 +465,28 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
 class Selection:
     """Which channels go: per group root (its own indexing) and per module."""
 
-    groups: dict[str, list[int]]  # root conv -> removed root channels
+    groups: dict[str, list[int]]  # root conv or Linear -> removed root channels
     removed: dict[str, list[int]]  # conv -> removed filters (output channels)
-    zeroed: dict[str, list[int]]  # conv or BatchNorm -> channels to zero in the masked model
+    zeroed: dict[str, list[int]]  # conv, Linear or BatchNorm -> channels zeroed when masked
     filters_total: int
+    neurons: dict[str, list[int]] = field(default_factory=dict)  # hidden Linear -> neurons
+    neurons_total: int = 0
 
     @property
     def filters_removed(self) -> int:
         return sum(len(v) for v in self.removed.values())
+
+    @property
+    def neurons_removed(self) -> int:
+        return sum(len(v) for v in self.neurons.values())
+
+
+def _totals(groups: list[ChannelGroup]) -> dict[str, int]:
+    """Filters and neurons the groups hold: kind -> count."""
+    totals = {"filter": 0, "neuron": 0}
+    for g in groups:
+        totals[g.kind] += g.size * len(g.convs)
+    return totals
 
 
 def _unit_scores(group: ChannelGroup, scores: dict[str, torch.Tensor]) -> np.ndarray:
@@ -396,11 +504,15 @@ def select_filters(
     already: dict[str, list[int]] | None = None,
     min_keep: int = 1,
 ) -> Selection:
-    """Remove the globally lowest-scoring units until ``rate`` of all filters are gone.
+    """Remove the globally lowest-scoring units until ``rate`` of all filters are gone,
+    and, ranked separately, until ``rate`` of all hidden neurons are gone.
 
-    Without ``groups`` every filter is its own unit. ``already`` (root -> channels, from an
-    earlier step) stays removed and counts towards the rate. Each group keeps at least
-    ``min_keep`` channels (a fully pruned group would be skipped by Torch-Pruning).
+    Filters compete only with filters and neurons only with neurons (``ChannelGroup.kind``):
+    a neuron's LRP score is far below a filter's, so a joint ranking would remove every
+    neuron first. Without ``groups`` every scored channel is a filter of its own. ``already``
+    (root -> channels, from an earlier step) stays removed and counts towards the rate.
+    Each group keeps at least ``min_keep`` channels (a fully pruned group would be skipped
+    by Torch-Pruning).
     """
     if not 0.0 < rate < 1.0:
         raise InvalidSpec(f"pruning rate must lie strictly between 0 and 1, got {rate}")
@@ -412,13 +524,40 @@ def select_filters(
     missing = {n for g in groups for n in g.convs} - set(scores)
     if missing:
         raise LayerError(f"no filter scores for {sorted(missing)}")
-    total = sum(g.size * len(g.convs) for g in groups)
-    target = int(round(rate * total))
+    totals = _totals(groups)
     chosen = {g.root: set((already or {}).get(g.root, [])) for g in groups}
-    removed = sum(len(chosen[g.root]) * len(g.convs) for g in groups)
+    for kind, total in totals.items():
+        _remove_lowest(scores, groups, kind, int(round(rate * total)), chosen, min_keep)
+    selection = Selection({}, {}, {}, totals["filter"], neurons_total=totals["neuron"])
+    for g in groups:
+        picked = sorted(chosen[g.root])
+        if not picked:
+            continue
+        selection.groups[g.root] = picked
+        scored = selection.removed if g.kind == "filter" else selection.neurons
+        for name, channels in g.outputs.items():
+            mapped = sorted(channels[i] for i in picked)
+            selection.zeroed[name] = mapped
+            if name in g.convs:
+                scored[name] = mapped
+    return selection
+
+
+def _remove_lowest(
+    scores: dict[str, torch.Tensor],
+    groups: list[ChannelGroup],
+    kind: str,
+    target: int,
+    chosen: dict[str, set[int]],
+    min_keep: int,
+) -> None:
+    """Add the lowest-scoring units of the groups of ``kind`` to ``chosen`` until ``target``
+    scored channels of that kind are removed, in place."""
+    removed = sum(len(chosen[g.root]) * len(g.convs) for g in groups if g.kind == kind)
     units = [
         (float(s), gi, int(i))
         for gi, g in enumerate(groups)
+        if g.kind == kind
         for i, s in enumerate(_unit_scores(g, scores))
     ]
     units.sort()  # ties broken by group and channel order: deterministic
@@ -430,26 +569,15 @@ def select_filters(
             continue
         chosen[g.root].add(i)
         removed += len(g.convs)
-    selection = Selection({}, {}, {}, total)
-    for g in groups:
-        picked = sorted(chosen[g.root])
-        if not picked:
-            continue
-        selection.groups[g.root] = picked
-        for name, channels in g.outputs.items():
-            mapped = sorted(channels[i] for i in picked)
-            selection.zeroed[name] = mapped
-            if name in g.convs:
-                selection.removed[name] = mapped
-    return selection
 
 
 # ------------------------------------------------------------------ masked and compact
 
 
 def mask_channels(model: nn.Module, zeroed: dict[str, list[int]]) -> nn.Module:
-    """Make channels exactly dead, in place: conv filters and biases and the BatchNorm
-    scale and shift zeroed, so every consumer sees 0 (as if the channel were removed)."""
+    """Make channels exactly dead, in place: conv filters, Linear weight rows, their biases
+    and the BatchNorm scale and shift zeroed, so every consumer sees 0 (as if the channel
+    were removed)."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, channels in zeroed.items():
@@ -470,8 +598,9 @@ def compact_model(
     *,
     inference: bool = True,
 ) -> nn.Module:
-    """A physically smaller copy: the selected channels removed with Torch-Pruning's
-    dependency graph (residual-coupled layers pruned together). With ``inference`` (what
+    """A physically smaller copy: the selected channels (filters and hidden neurons)
+    removed with Torch-Pruning's dependency graph (coupled layers pruned together, e.g. a
+    removed neuron's input column of the next Linear). With ``inference`` (what
     :func:`prune` ships) it is also made ready for inference, same function: eval mode,
     BatchNorms folded into their convolutions, channels-last weights
     (:func:`cnp_core.export.for_inference`); without, it keeps the architecture and the
@@ -483,7 +612,8 @@ def compact_model(
     graph = _graph(clean, example_input.cpu())
     modules = dict(clean.named_modules())
     for root, channels in selection.groups.items():
-        group = graph.get_pruning_group(modules[root], tp.prune_conv_out_channels, channels)
+        module = modules[root]
+        group = graph.get_pruning_group(module, _root_handler(module), channels)
         if not graph.check_pruning_group(group):
             raise LayerError(f"pruning {len(channels)} channels of {root!r} would empty a layer")
         group.prune()
@@ -576,10 +706,11 @@ def finetune(
 @dataclass
 class PruneStep:
     step: int
-    rate: float  # cumulative fraction of filters removed after this step
+    rate: float  # cumulative fraction of filters (and of hidden neurons) removed
     filters_removed: int
     finetune_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    neurons_removed: int = 0
 
 
 @dataclass
@@ -614,13 +745,15 @@ def prune(
     for the scores), one-shot or iterative, on a copy of ``model``.
 
     ``reference`` = (images, true labels) for the scores (see :func:`reference_indices`).
-    Step t of ``spec.steps`` removes filters up to the cumulative rate ``spec.rate * t /
-    steps``, then fine-tunes ``spec.finetune_epochs`` over ``train_loader``; with
-    ``spec.relearn_subspaces`` the caller's ``relearn(model)`` returns the next projection.
+    Step t of ``spec.steps`` removes filters, and hidden neurons of fully connected layers
+    (ranked apart), up to the cumulative rate ``spec.rate * t / steps``, then fine-tunes
+    ``spec.finetune_epochs`` over ``train_loader``; with ``spec.relearn_subspaces`` the
+    caller's ``relearn(model)`` returns the next projection.
     ``keep_projection`` folds P into the model itself (exact, see :func:`fold_projection`).
-    ``spec.scope == "upstream"`` ranks only the convolutions that feed the audited layer
-    (the projection's, else ``layer``), for both methods alike; the rate is then a fraction
-    of those filters. ``spec.composite`` names the LRP rules of the scores.
+    ``spec.scope == "upstream"`` ranks only the convolutions and hidden Linears that feed
+    the audited layer (the projection's, else ``layer``), for both methods alike; the rate
+    is then a fraction of those filters (and neurons). ``spec.composite`` names the LRP
+    rules of the scores.
     """
     spec.validate([spec.attribute] if spec.attribute else [])
     if spec.method == "cnp" and projection is None:
@@ -647,8 +780,10 @@ def prune(
     groups = channel_groups(work, example)
     if spec.scope == "upstream":
         feeding = upstream_convs(work, scope_layer, example)
+        feeding |= _reaching(work, scope_layer, example, hidden_linears(work, example))
         groups = [g for g in groups if set(g.convs) <= feeding]
-    selection = Selection({}, {}, {}, sum(g.size * len(g.convs) for g in groups))
+    totals = _totals(groups)
+    selection = Selection({}, {}, {}, totals["filter"], neurons_total=totals["neuron"])
     history = []
     for step in range(1, spec.steps + 1):
         if cancelled is not None and cancelled():
@@ -667,7 +802,9 @@ def prune(
         rate = spec.rate * step / spec.steps
         selection = select_filters(scores, rate, groups, already=selection.groups)
         mask_channels(work, selection.zeroed)
-        record = PruneStep(step, rate, selection.filters_removed)
+        record = PruneStep(
+            step, rate, selection.filters_removed, neurons_removed=selection.neurons_removed
+        )
         if spec.finetune_epochs > 0:
             report((step - 0.5) / spec.steps, f"step {step}/{spec.steps}: fine-tuning")
             record.finetune_loss = finetune(
@@ -696,6 +833,8 @@ def prune(
         filters_total=selection.filters_total,
         filters_removed=selection.filters_removed,
         removed=selection.removed,
+        neurons_total=selection.neurons_total,
+        neurons_removed=selection.neurons_removed,
     )
     return PruneOutcome(work, compact, summary, history, selection, projection)
 

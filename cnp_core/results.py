@@ -81,6 +81,10 @@ class PruningSummary:
     filters_total: int
     filters_removed: int
     removed: dict[str, list[int]] = field(default_factory=dict)  # conv name -> channel indices
+    # Hidden neurons of the fully connected layers (every Linear but the output layer),
+    # ranked apart from the filters at the same rate; 0 for models without any.
+    neurons_total: int = 0
+    neurons_removed: int = 0
 
 
 @dataclass

@@ -242,6 +242,8 @@ def report_to_proto(
                 filters_total=p.filters_total,
                 filters_removed=p.filters_removed,
                 removed={k: report_pb2.ChannelList(indices=v) for k, v in p.removed.items()},
+                neurons_total=p.neurons_total,
+                neurons_removed=p.neurons_removed,
             )
         )
     for name, info in sorted((artifacts or {}).items()):
@@ -265,6 +267,8 @@ def result_from_proto(report: report_pb2.AuditReport) -> AuditResult:
             filters_total=p.filters_total,
             filters_removed=p.filters_removed,
             removed={k: list(v.indices) for k, v in p.removed.items()},
+            neurons_total=p.neurons_total,
+            neurons_removed=p.neurons_removed,
         )
     return AuditResult(
         spec=spec_from_proto(report.spec),
