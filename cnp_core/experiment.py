@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -33,7 +34,6 @@ from .errors import NoFlaggedSubspace
 from .evaluation import evaluate, find_group
 from .lrp import Explainer
 from .pruning import Projection, fold_projection, prune, reference_indices
-from .results import AttributeAudit
 from .spec import ModelRef, PruneSpec
 from .subspaces import fit_subspaces
 
@@ -52,25 +52,29 @@ class Split:
 @dataclass
 class ExperimentConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-    # Defaults: the configuration measured to work on the 32 px benchmark (see summary.md):
-    # Yeom's schedule with gentle fine-tuning, the projection kept in the CNP model, the
-    # concept learned at layer1 (8x8 positions; layer2 has only 4x4 at 32 px).
-    schedule: str = "iterative"
-    steps: int = 2
-    finetune_epochs: int = 1
+    rates: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
+    # Defaults: the configuration measured on the 64 px benchmark (README, "CNP vs vanilla"):
+    # DRSA (K = 8) at layer3 fitted on plain-gradient contexts, whose subspace relevance
+    # is the first-order change of the logit when the subspace is removed; one-shot PXP
+    # scores (LRP) over the convolutions that feed layer3, the only ones whose scores the
+    # projection changes; the projection kept in the CNP model.
+    schedule: str = "oneshot"
+    steps: int = 1
+    finetune_epochs: int = 0
     learning_rate: float = 1e-4
     reference_per_class: int = 32
     relearn: bool = False
     keep_projection: bool = True  # deploy CNP with P folded into the next layer
     concept: str = "drsa"  # "drsa" or "cav"
-    n_subspaces: tuple[int, ...] = (4,)
-    layer: str = "layer1"  # "": the benchmark's default audited layer
+    n_subspaces: tuple[int, ...] = (8,)
+    layer: str = "layer3"  # "": the benchmark's default audited layer
     positions_per_image: int = 20
     drsa_max_epochs: int = 500
-    composite: str = "epsilon_plus_flat"
+    composite: str = "epsilon_plus_flat"  # LRP rules of the filter scores
+    concept_composite: str = "gradient"  # context of the concept fit
+    scope: str = "upstream"  # prune only convolutions that feed the audited layer
     benchmark_seed: int = 0
-    image_size: int = 32  # 64: the benchmark on which DRSA isolates the watermark (layer3)
+    image_size: int = 64
     correlation: float = 0.95
     present: str = "1"  # the attribute value whose subspace is removed
     batch_size: int = 32
@@ -84,12 +88,44 @@ class ConceptFit:
     """The projection CNP uses, and the evidence it was chosen on."""
 
     projection: Projection
-    audit: AttributeAudit
+    ap_attribute: float  # the flagged subspace's AP for the attribute, test split
+    table: str  # the audit table it was flagged from
     seconds: float
 
-    @property
-    def ap_attribute(self) -> float:
-        return self.audit.subspaces[self.audit.flagged_subspace].ap_attribute.value
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            path,
+            matrix=self.projection.matrix,
+            layer=self.projection.layer,
+            ap_attribute=self.ap_attribute,
+            table=self.table,
+            seconds=self.seconds,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> ConceptFit:
+        with np.load(path, allow_pickle=False) as data:
+            projection = Projection(str(data["layer"]), data["matrix"])
+            return cls(projection, float(data["ap_attribute"]), str(data["table"]), 0.0)
+
+
+def concept_cache(config: ExperimentConfig, seed: int) -> str:
+    """File name of a seed's concept fit: every setting the fit depends on is in it."""
+    key = json.dumps(
+        [
+            config.benchmark,
+            config.layer,
+            config.concept,
+            config.n_subspaces,
+            config.concept_composite,
+            config.positions_per_image,
+            config.drsa_max_epochs,
+            config.present,
+            seed,
+        ]
+    )
+    return f"concept-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
 @dataclass
@@ -232,7 +268,8 @@ def learn_projection(
         raise NoFlaggedSubspace(f"no subspace predicts {attribute}={present} at {layer}")
     basis = next(b for b in bases if b.n_subspaces == audit.n_subspaces)
     projection = Projection(layer, basis.complement_projector(audit.flagged_subspace))
-    return ConceptFit(projection, audit, round(time.perf_counter() - began, 2))
+    ap = audit.subspaces[audit.flagged_subspace].ap_attribute.value
+    return ConceptFit(projection, ap, format_table(audit), round(time.perf_counter() - began, 2))
 
 
 def _row(seed, method, rate, model, test, attribute, config, **extra) -> Row:
@@ -270,8 +307,11 @@ def run_seed(
     layer: str,
     attribute: str,
     log: Callable[[str], None] = print,
+    cache: Path | None = None,
 ) -> list[Row]:
-    """Unpruned, then vanilla and CNP at every rate, for one seed."""
+    """Unpruned, then vanilla and CNP at every rate, for one seed. With ``cache`` (a
+    directory), the seed's concept fit is reused from there when one with the same
+    settings exists, and saved there otherwise."""
     torch.manual_seed(seed)
     train, test = splits["train"], splits["test"]
     options = {
@@ -282,12 +322,19 @@ def run_seed(
         "n_subspaces": config.n_subspaces,
         "positions_per_image": config.positions_per_image,
         "drsa_max_epochs": config.drsa_max_epochs,
-        "composite": config.composite,
+        "composite": config.concept_composite,
         "batch_size": config.batch_size,
         "device": config.device,
     }
-    fit = learn_projection(model, splits, seed=seed, **options)
-    log(f"seed {seed}: concept fit in {fit.seconds}s\n{format_table(fit.audit)}")
+    cached = cache / concept_cache(config, seed) if cache else None
+    if cached and cached.exists():
+        fit = ConceptFit.load(cached)
+        log(f"seed {seed}: concept fit reused from {cached}\n{fit.table}")
+    else:
+        fit = learn_projection(model, splits, seed=seed, **options)
+        log(f"seed {seed}: concept fit in {fit.seconds}s\n{fit.table}")
+        if cached:
+            fit.save(cached)
     rows = [_row(seed, "none", 0.0, model, test, attribute, config)]
     # Control: the projection alone, without pruning, so that CNP's gain can be told
     # apart from what removing the subspace does by itself.
@@ -314,6 +361,8 @@ def run_seed(
                 learning_rate=config.learning_rate,
                 reference_per_class=config.reference_per_class,
                 relearn_subspaces=config.relearn,
+                scope=config.scope,
+                composite=config.composite,
             )
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.TensorDataset(train.images, train.labels),
@@ -330,7 +379,7 @@ def run_seed(
                 projection=fit.projection,
                 relearn=relearn if config.relearn else None,
                 keep_projection=config.keep_projection,
-                composite=config.composite,
+                layer=layer,
                 batch_size=config.batch_size,
                 device=config.device,
                 seed=seed,
@@ -543,7 +592,14 @@ def run_experiment(
     rows = []
     for seed in config.seeds:
         rows += run_seed(
-            model, splits, config, seed, layer=config.layer, attribute=bench.attribute, log=log
+            model,
+            splits,
+            config,
+            seed,
+            layer=config.layer,
+            attribute=bench.attribute,
+            log=log,
+            cache=output / "concepts",
         )
         write_outputs(rows, config, bench.attribute, output)  # partial results survive a stop
     return rows
@@ -563,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--reference-per-class", type=int, default=32)
+    parser.add_argument("--reference-per-class", type=int, default=defaults.reference_per_class)
     parser.add_argument(
         "--relearn", action="store_true", help="re-learn the subspace after fine-tuning"
     )
@@ -573,11 +629,17 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.keep_projection,
         help="fold P into the CNP model itself",
     )
-    parser.add_argument("--concept", choices=["drsa", "cav"], default="drsa")
-    parser.add_argument("--k", type=int, nargs="+", default=[4], help="numbers of DRSA subspaces")
+    parser.add_argument("--concept", choices=["drsa", "cav"], default=defaults.concept)
+    parser.add_argument(
+        "--k", type=int, nargs="+", default=list(defaults.n_subspaces), help="DRSA Ks"
+    )
     parser.add_argument("--layer", default=defaults.layer, help="'' for the benchmark's")
-    parser.add_argument("--drsa-max-epochs", type=int, default=500)
-    parser.add_argument("--benchmark-seed", type=int, default=0)
+    parser.add_argument("--drsa-max-epochs", type=int, default=defaults.drsa_max_epochs)
+    parser.add_argument(
+        "--concept-composite", default=defaults.concept_composite, help="context of the fit"
+    )
+    parser.add_argument("--scope", choices=["all", "upstream"], default=defaults.scope)
+    parser.add_argument("--benchmark-seed", type=int, default=defaults.benchmark_seed)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--device", default="cpu")
@@ -598,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         n_subspaces=tuple(args.k),
         layer=args.layer,
         drsa_max_epochs=args.drsa_max_epochs,
+        concept_composite=args.concept_composite,
+        scope=args.scope,
         benchmark_seed=args.benchmark_seed,
         image_size=args.image_size,
         device=args.device,

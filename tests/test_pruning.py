@@ -26,6 +26,7 @@ from cnp_core.pruning import (
     filter_scores,
     finetune,
     fold_projection,
+    hidden_linears,
     insert_projection,
     mask_channels,
     prune,
@@ -101,6 +102,47 @@ def test_scores_match_closed_form_at_the_last_conv():
     # The caller's model is untouched (BatchNorm not merged into it, no hooks left).
     assert not model.features[0]._forward_hooks
     assert float(model.features[3].running_var.min()) >= 0.5
+
+
+class HiddenNet(nn.Module):
+    """conv - ReLU - global average pool - hidden linear - ReLU - output linear."""
+
+    def __init__(self, hidden: int = 5, output_first: bool = False):
+        super().__init__()
+        if output_first:  # registration order != run order
+            self.out = nn.Linear(hidden, 3)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.hidden = nn.Linear(6, hidden)
+        if not output_first:
+            self.out = nn.Linear(hidden, 3)
+
+    def features(self, x):
+        return torch.relu(self.hidden(torch.flatten(self.conv(x).relu().mean((2, 3), True), 1)))
+
+    def forward(self, x):
+        return self.out(self.features(x))
+
+
+def test_hidden_neuron_scores_match_closed_form():
+    # Epsilon on the output layer, Pass on the ReLU: R(n, j) = h_nj W_tj / z_t exactly at
+    # the hidden layer's output, and score(hidden, j) = sum_n |R(n, j)|.
+    torch.manual_seed(4)
+    model = HiddenNet().eval()
+    x = torch.rand(5, 3, 8, 8)
+    t = torch.tensor([0, 1, 2, 1, 0])
+    assert list(hidden_linears(model, x)) == ["hidden"]
+    scores = filter_scores(model, x, t, batch_size=3)
+    assert set(scores) == {"conv", "hidden"}  # never the output layer
+    with torch.no_grad():
+        h = model.features(x)
+        logits = model.out(h)
+    per_image = h * model.out.weight[t] / logits[torch.arange(5), t][:, None]
+    torch.testing.assert_close(scores["hidden"], per_image.abs().sum(0), rtol=2e-3, atol=1e-6)
+    # A model without convolutions but with a hidden layer has neurons to rank.
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2))
+    assert set(filter_scores(mlp, torch.rand(4, 3, 2, 2), t[:4] % 2)) == {"1"}
+    # The output layer is the last Linear to run, wherever it is registered.
+    assert list(hidden_linears(HiddenNet(output_first=True), x)) == ["hidden"]
 
 
 def test_resnet_scores_cover_every_conv(resnet, images):
@@ -196,6 +238,25 @@ def test_upstream_scope_prunes_only_what_feeds_the_audited_layer(resnet, images)
         PruneSpec(scope="downstream").validate([])
 
 
+def test_prune_removes_hidden_neurons_and_counts_them():
+    torch.manual_seed(2)
+    model = HiddenNet(hidden=6).eval()
+    x, t = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = prune(model, PruneSpec(method="lrp", rate=0.5), (x, t))
+    s = out.summary
+    assert (s.filters_removed, s.filters_total, s.neurons_removed, s.neurons_total) == (3, 6, 3, 6)
+    assert set(s.removed) == {"conv"}  # the summary's per-layer list stays about filters
+    assert out.history[0].neurons_removed == 3 and out.selection.neurons.keys() == {"hidden"}
+    assert out.compact.hidden.out_features == 3 and out.compact.out.in_features == 3
+    assert out.compact.out.out_features == 3  # the classes stay
+    with torch.no_grad():
+        torch.testing.assert_close(out.compact(x), out.masked(x), rtol=1e-5, atol=1e-6)
+    # The upstream scope ranks what feeds the audited layer: no neuron feeds the conv.
+    spec = PruneSpec(method="lrp", rate=0.5, scope="upstream")
+    assert prune(model, spec, (x, t), layer="conv").summary.neurons_total == 0
+    assert prune(model, spec, (x, t), layer="hidden").summary.neurons_total == 6
+
+
 def test_union_of_subspaces_is_removed(resnet, images):
     basis = ConceptBasis(_spurious(128, 128, seed=2).reshape(128, 4, 32), np.nan, "random")
     p = basis.complement_projector([0, 2])  # two flagged subspaces (two attribute values)
@@ -263,11 +324,44 @@ def test_coupled_channels_share_one_score():
     assert sel.zeroed == {"x": [0], "bn": [0], "y": [1]}
 
 
+def test_neurons_are_ranked_apart_from_filters():
+    # Neuron scores are far below filter scores (LRP conservation spreads the relevance
+    # over more units); a joint ranking would remove every neuron before any filter.
+    scores = {
+        "conv": torch.tensor([4.0, 1.0, 3.0, 2.0]),
+        "fc1": torch.tensor([0.02, 0.01, 0.03, 0.04, 0.05, 0.06]),
+        "fc2": torch.tensor([0.001, 0.002]),
+    }
+    groups = [
+        ChannelGroup("conv", 4, {"conv": [0, 1, 2, 3], "bn": [0, 1, 2, 3]}, ["conv"]),
+        ChannelGroup("fc1", 6, {"fc1": list(range(6))}, ["fc1"], "neuron"),
+        ChannelGroup("fc2", 2, {"fc2": [0, 1]}, ["fc2"], "neuron"),
+    ]
+    sel = select_filters(scores, 0.5, groups)
+    assert sel.removed == {"conv": [1, 3]}  # half of the filters
+    # Half of the 8 neurons, globally over the hidden layers; fc2 keeps one (min_keep).
+    assert sel.neurons == {"fc1": [0, 1, 2], "fc2": [0]}
+    assert (sel.filters_removed, sel.filters_total) == (2, 4)
+    assert (sel.neurons_removed, sel.neurons_total) == (4, 8)
+    assert sel.zeroed == {"conv": [1, 3], "bn": [1, 3], "fc1": [0, 1, 2], "fc2": [0]}
+    # An earlier step's removals count towards each kind's own target.
+    later = select_filters(scores, 0.75, groups, already=sel.groups)
+    assert later.neurons["fc1"] == [0, 1, 2, 3, 4] and later.removed["conv"] == [1, 2, 3]
+
+
 def _model(arch: str) -> nn.Module:
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=2)
     if arch.startswith("vgg"):  # a small head keeps the test fast; flatten coupling stays
-        model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 2))
+        model.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 32),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(32, 16),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(16, 2),
+        )
     return _randomise_batchnorm(model)
 
 
@@ -298,6 +392,20 @@ def test_masked_and_compact_compute_the_same_function(arch, rate):
             original = dict(model.named_modules())[name].out_channels
             assert conv.out_channels == original - len(sel.removed.get(name, []))
             assert conv.out_channels >= 1
+    if arch.startswith("vgg"):  # hidden neurons go at the same rate, ranked on their own
+        assert sel.neurons_total == 48 and sel.neurons_removed == round(rate * 48)
+        assert set(sel.neurons) <= {"classifier.0", "classifier.3"}
+        head = compact.classifier
+        assert head[0].out_features == 32 - len(sel.neurons.get("classifier.0", []))
+        assert head[3].in_features == head[0].out_features  # the next layer's columns too
+        assert head[3].out_features == 16 - len(sel.neurons.get("classifier.3", []))
+        assert head[6].in_features == head[3].out_features and head[6].out_features == 2
+        for name in sel.neurons:  # dead in the masked model: weight rows and biases zero
+            fc = masked.get_submodule(name)
+            assert fc.weight[sel.neurons[name]].abs().max() == 0
+            assert fc.bias[sel.neurons[name]].abs().max() == 0
+    else:
+        assert sel.neurons_total == 0 and not sel.neurons
     if arch == "resnet18":  # residual-coupled convolutions lose the same channels
         streams = [g for g in groups if len(g.convs) > 1]
         assert len(streams) == 4 and any(g.root in sel.groups for g in streams)
@@ -320,6 +428,20 @@ def test_lrp_importance_is_the_unit_score(resnet, images):
         np.testing.assert_allclose(importance(group).numpy(), expected, rtol=1e-5)
         seen += 1
     assert seen == len(groups) == 12  # resnet18: 8 block-internal convs + 4 residual streams
+
+
+def test_lrp_importance_of_hidden_neurons():
+    model = HiddenNet(hidden=4).eval()
+    x = torch.rand(3, 3, 8, 8)
+    scores = filter_scores(model, x, torch.tensor([0, 1, 2]))
+    clean = copy.deepcopy(model)
+    graph = _graph(clean, x[:1])
+    names = {m: n for n, m in clean.named_modules()}
+    groups = {g.root: g for g in channel_groups(model, x[:1])}
+    assert {r: g.kind for r, g in groups.items()} == {"conv": "filter", "hidden": "neuron"}
+    group = graph.get_all_groups(root_module_types=[nn.Linear], ignored_layers=[clean.out])
+    importance = LRPImportance(scores, names)(next(iter(group)))
+    np.testing.assert_allclose(importance.numpy(), scores["hidden"].numpy(), rtol=1e-6)
 
 
 def test_fold_projection_is_exact(resnet, images):
@@ -531,7 +653,17 @@ def test_experiment_end_to_end_with_cav_and_relearning():
     """One seed, one rate, on the cached watermark benchmark (built on first use)."""
     from cnp_core.experiment import ExperimentConfig, load_benchmark, run_seed
 
-    config = ExperimentConfig(seeds=(0,), rates=(0.2,), concept="cav", relearn=True)
+    config = ExperimentConfig(
+        seeds=(0,),
+        rates=(0.2,),
+        concept="cav",
+        relearn=True,
+        schedule="iterative",
+        steps=2,
+        finetune_epochs=1,
+        layer="layer1",
+        image_size=32,
+    )
     bench, model, splits = load_benchmark(config)
     rows = run_seed(
         model, splits, config, 0, layer="layer1", attribute=bench.attribute, log=lambda m: None
