@@ -27,6 +27,7 @@ from cnp_client.gates import as_number, evaluate, metric_value, parse_rules
 from .config import ServerConfig
 
 GATES = ("max_ap_attribute<=0.8", "worst_group_accuracy>=0.7")
+PRUNE_RATE = 0.1
 MODEL_FILE = "pruned_model.pt2"  # the CLI fetches the torch.export program when there is one
 
 
@@ -53,7 +54,10 @@ def audit_args(
     argv += ["--std", ",".join(map(str, bench.std)), "--layer", bench.layer]
     argv += ["--attribute", bench.attribute, "--positive-class", str(bench.positive_class)]
     argv += ["--method", args.method] if args.method else []
-    argv += ["--subspaces", "4,8", "--prune", "cnp"]  # K chosen on the validation split
+    # K chosen on the validation split; concepts on plain-gradient contexts, CNP over the
+    # convs that feed the audited layer: the configuration measured in the README.
+    argv += ["--subspaces", "4,8", "--composite", "gradient"]
+    argv += ["--prune", "cnp", "--prune-rate", str(PRUNE_RATE), "--prune-scope", "upstream"]
     argv += [part for rule in args.gate or GATES for part in ("--gate", rule)]
     argv += ["--json", shown(out / "report.json"), "--junit", shown(out / "junit.xml")]
     argv += ["--summary", shown(out / "summary.md"), "--download-model", shown(out / MODEL_FILE)]

@@ -13,13 +13,17 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# Measured on this machine (seed 1): K = 8 chosen on validation (val AP 0.985 vs 0.77
-# for K = 4); test AP_watermark 0.916 with AP_class 0.577; the best class subspace of the
-# share score reaches AP_class 0.863. Without correlation the best AP_watermark is 0.616.
+# Plain-gradient contexts, as in ALGORITHMS.md section 3's measurements: a subspace's
+# relevance is then the first-order change of the logit when the subspace is removed.
+# Measured on this machine (seed 1): K = 8 chosen on validation; test AP_watermark 0.981
+# with AP_class 0.527; another subspace carries the class with AP_class 0.915. Without
+# the correlation (K = 4 chosen) the best AP_watermark is 0.545 and nothing is flagged.
 AUDIT = {
     "layers": ["layer3"],
     "n_subspaces": [4, 8],
+    "composite": "gradient",
     "drsa_restarts": 1,
+    "drsa_max_epochs": 400,
     "bootstrap": 0,
     "heatmap_samples": 0,
 }
@@ -44,7 +48,7 @@ def test_a_subspace_isolates_the_planted_watermark_and_another_carries_the_class
     # It isolates the watermark: it says little about the class.
     assert abs(flagged.ap_class.value - flagged.ap_class.base_rate) <= 0.1
     others = [s for s in audit.subspaces if s.index != audit.flagged_subspace]
-    assert max(s.ap_class.value for s in others) >= 0.85
+    assert max(s.ap_class.value for s in others) >= 0.9
 
 
 def test_no_false_alarm_on_a_model_trained_without_the_correlation(tmp_path):

@@ -61,6 +61,7 @@ def test_audit_args_are_a_valid_cnp_audit_with_cnp_pruning_and_the_default_gates
     assert spec.model.weights == str(b.weights) and spec.dataset.root == str(b.dataset)
     assert spec.dataset.std == (0.25, 0.5, 0.75) and spec.layers == ["layer2"]
     assert spec.attributes == ["watermark"] and spec.prune.method == "cnp"
+    assert (spec.prune.rate, spec.prune.scope, spec.composite) == (0.1, "upstream", "gradient")
     assert spec.method == "drsa"  # no --method: the spec's default
     assert Path(args.download_model).name == demo.MODEL_FILE
     assert {Path(args.json).name, Path(args.junit).name, Path(args.summary).name} == {
