@@ -57,6 +57,8 @@ def audit_args(
     # K chosen on the validation split; concepts on plain-gradient contexts, CNP over the
     # convs that feed the audited layer: the configuration measured in the README.
     argv += ["--subspaces", "4,8", "--composite", "gradient"]
+    # One DRSA start, 400 epochs: under a minute, the setting tests/test_audit_science.py checks.
+    argv += ["--drsa-restarts", "1", "--drsa-max-epochs", "400"]
     argv += ["--prune", "cnp", "--prune-rate", str(PRUNE_RATE), "--prune-scope", "upstream"]
     argv += [part for rule in args.gate or GATES for part in ("--gate", rule)]
     argv += ["--json", shown(out / "report.json"), "--junit", shown(out / "junit.xml")]
