@@ -11,14 +11,7 @@ from cnp_core.collect import collect_instances, sample_positions
 from cnp_core.heatmaps import save_heatmap_grid
 from cnp_core.lrp import Explainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared cores, two OpenMP threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_positions_depend_on_image_and_seed_not_on_the_batch():

@@ -13,13 +13,7 @@ from cnp_core.lrp import Explainer, NonNegativeZPlus, _rule_of
 EPS = 1e-6  # zennit's default stabiliser
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared cores, two OpenMP threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stabilize(z: torch.Tensor) -> torch.Tensor:
