@@ -89,7 +89,7 @@ def test_cli_audit_and_prune_on_the_watermark_benchmark(server, benchmark, tmp_p
     assert (suite.get("tests"), suite.get("failures")) == ("2", "0")
     summary = (out / "summary.md").read_text()
     assert (
-        f"**S{audit['flagged_subspace']} ⚑**" in summary
+        f"**S{audit['flagged_subspace'] + 1} ⚑**" in summary  # numbered from S1
         and "| Group | n | Before | After |" in summary
     )
     # Plain progress lines (no terminal). WatchAudit streams the job's latest progress
