@@ -243,7 +243,13 @@ def _pruning(report: Report) -> str:
         return ""
     removed = int(as_number(pruning.get("filters_removed", 0)) or 0)
     rate = as_number(pruning.get("rate", 0)) or 0.0
-    return f"{pruning['method']} at rate {rate:.2f}: {removed} of {total} filters removed"
+    text = f"{pruning['method']} at rate {rate:.2f}: {removed} of {total} filters"
+    neurons = int(as_number(pruning.get("neurons_total", 0)) or 0)
+    if neurons:  # models with hidden fully connected layers (e.g. VGG's classifier)
+        text += (
+            f" and {int(as_number(pruning.get('neurons_removed', 0)) or 0)} of {neurons} neurons"
+        )
+    return text + " removed"
 
 
 def _flagged(audit: Report) -> int:

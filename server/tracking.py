@@ -96,6 +96,9 @@ def report_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
     if report.HasField("pruning"):
         metrics[_key("pruning", "filters_total")] = report.pruning.filters_total
         metrics[_key("pruning", "filters_removed")] = report.pruning.filters_removed
+        if report.pruning.neurons_total:
+            metrics[_key("pruning", "neurons_total")] = report.pruning.neurons_total
+            metrics[_key("pruning", "neurons_removed")] = report.pruning.neurons_removed
     for stage, seconds in report.timings.items():
         metrics[_key("timing", stage)] = seconds
     return metrics

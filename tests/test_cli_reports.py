@@ -115,6 +115,11 @@ def test_text_summary_is_aligned():
     # Columns line up: AP_A of S3 starts where its header does.
     assert flagged.index("0.910 (0.50)") == header.index("AP_A ")
     assert lines[1] == "pruning: cnp at rate 0.30: 288 of 960 filters removed"
+    report["pruning"].update(neurons_total="8192", neurons_removed=2458)  # proto3 JSON int64
+    pruning = text_summary(report, []).splitlines()[1]
+    assert (
+        pruning == "pruning: cnp at rate 0.30: 288 of 960 filters and 2458 of 8192 neurons removed"
+    )
     assert "  ! fewer samples than the minimum group size" in lines
     assert "gates: 3/5 passed" in text
     assert any(line.startswith("  FAIL  flagged==none [watermark=1]") for line in lines)

@@ -202,3 +202,14 @@ def _tracking_state(server: ServerProcess) -> str:
         return jobs[0].tracking_state
     finally:
         store.close()
+
+
+def test_pruning_counts_are_metrics_and_neurons_only_when_pruned():
+    report = report_pb2.AuditReport()
+    report.pruning.filters_total, report.pruning.filters_removed = 960, 288
+    metrics = report_metrics(report)
+    assert (metrics["pruning/filters_total"], metrics["pruning/filters_removed"]) == (960, 288)
+    assert not any("neurons" in key for key in metrics)  # a ResNet has no hidden neurons
+    report.pruning.neurons_total, report.pruning.neurons_removed = 8192, 2458
+    metrics = report_metrics(report)
+    assert (metrics["pruning/neurons_total"], metrics["pruning/neurons_removed"]) == (8192, 2458)
