@@ -10,6 +10,9 @@ seeds, with the best matched rate) and the seed's two plots: balanced accuracy a
 "other class + attribute" group's accuracy vs pruning rate.
 
     python -m cnp_core.experiment --output .cnp/experiment --seeds 5
+
+Each seed's concept fit is kept in ``<output>/concepts/`` under a name derived from every
+setting it depends on, so reruns that change only the pruning settings reuse it.
 """
 
 from __future__ import annotations
@@ -100,7 +103,6 @@ class ConceptFit:
             layer=self.projection.layer,
             ap_attribute=self.ap_attribute,
             table=self.table,
-            seconds=self.seconds,
         )
 
     @classmethod

@@ -648,6 +648,23 @@ def test_experiment_summary_and_best_matched_rate(tmp_path):
     assert len(paths["rows"].read_text().splitlines()) == 1 + len(_rows())
 
 
+def test_concept_fits_are_cached_by_every_setting_they_depend_on(tmp_path):
+    from cnp_core.experiment import ConceptFit, ExperimentConfig, concept_cache
+
+    config = ExperimentConfig(benchmark="bench-1")
+    name = concept_cache(config, 0)
+    assert name == concept_cache(ExperimentConfig(benchmark="bench-1", rates=(0.5,)), 0)
+    assert name != concept_cache(config, 1)
+    assert name != concept_cache(ExperimentConfig(benchmark="bench-1", n_subspaces=(4,)), 0)
+    assert name != concept_cache(ExperimentConfig(benchmark="bench-2"), 0)
+    fit = ConceptFit(Projection("layer3", np.eye(4) - 0.25), 0.98, "S1* ...", 12.5)
+    fit.save(tmp_path / name)
+    back = ConceptFit.load(tmp_path / name)
+    assert back.projection.layer == "layer3" and back.table == "S1* ..."
+    assert np.array_equal(back.projection.matrix, fit.projection.matrix)
+    assert back.ap_attribute == 0.98
+
+
 @pytest.mark.slow
 def test_experiment_end_to_end_with_cav_and_relearning():
     """One seed, one rate, on the cached watermark benchmark (built on first use)."""
