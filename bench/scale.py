@@ -3,9 +3,9 @@
 Each audit runs the same small job (``bench.audits.SMALL``) over a dataset with every
 image ``factor`` times (noisy copies, real format), in a fresh process, timed from inside
 (imports excluded); the factors run in turn (1x, 2x, 4x, 8x, 1x, 2x, ...) for
-``repeats`` rounds and each factor's median is used. What grows with the images: the dataset digest, evaluation, the
-scoring pass and the bootstrap; what does not: model loading and the DRSA fit (at most
-``fit_images`` images are fitted). "Linear or better": time(8x) / time(1x) <= 8 x 1.1.
+``repeats`` rounds and each factor's median is used. What grows with the images: the
+dataset digest, evaluation, the scoring pass and the bootstrap; what does not: model
+loading and the DRSA fit (at most ``fit_images`` images are fitted). "Linear or better": time(8x) / time(1x) <= 8 x 1.1.
 
     python -m bench.scale [--quick]
 """

@@ -37,7 +37,7 @@ from .errors import NoFlaggedSubspace
 from .evaluation import evaluate, find_group
 from .lrp import Explainer
 from .pruning import Projection, fold_projection, prune, reference_indices
-from .spec import ModelRef, PruneSpec
+from .spec import PRUNE_SCOPES, SCHEDULES, ModelRef, PruneSpec
 from .subspaces import fit_subspaces
 
 METHODS = ("lrp", "cnp")
@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0..n-1)")
     parser.add_argument("--rates", type=float, nargs="+", default=list(ExperimentConfig.rates))
     defaults = ExperimentConfig()
-    parser.add_argument("--schedule", choices=["oneshot", "iterative"], default=defaults.schedule)
+    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concept-composite", default=defaults.concept_composite, help="context of the fit"
     )
-    parser.add_argument("--scope", choices=["all", "upstream"], default=defaults.scope)
+    parser.add_argument("--scope", choices=PRUNE_SCOPES, default=defaults.scope)
     parser.add_argument("--benchmark-seed", type=int, default=defaults.benchmark_seed)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")

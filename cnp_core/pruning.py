@@ -192,8 +192,6 @@ def upstream_convs(model: nn.Module, layer: str, example_input: torch.Tensor) ->
     """The prunable convolutions whose output reaches ``layer``'s output: the ones whose
     filter scores a projection after ``layer`` can change (found by autograd, so branches
     and skips count as the graph says, not as the modules happen to be ordered)."""
-    if layer not in dict(model.named_modules()):
-        raise LayerError(f"unknown layer {layer!r} for the pruning scope")
     return _reaching(model, layer, example_input, prunable_convs(model))
 
 
@@ -201,9 +199,11 @@ def _reaching(
     model: nn.Module, layer: str, example_input: torch.Tensor, candidates: dict[str, nn.Module]
 ) -> set[str]:
     """The ``candidates`` (name -> module) whose output reaches ``layer``'s output."""
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise LayerError(f"unknown layer {layer!r} for the pruning scope")
     if not candidates:
         return set()
-    modules = dict(model.named_modules())
     outputs: dict[str, torch.Tensor] = {}
     target: list[torch.Tensor] = []
 
@@ -779,8 +779,8 @@ def prune(
         work = fold_projection(work, projection)
     groups = channel_groups(work, example)
     if spec.scope == "upstream":
-        feeding = upstream_convs(work, scope_layer, example)
-        feeding |= _reaching(work, scope_layer, example, hidden_linears(work, example))
+        scored = {**_dense_convs(work), **hidden_linears(work, example)}
+        feeding = _reaching(work, scope_layer, example, scored)
         groups = [g for g in groups if set(g.convs) <= feeding]
     totals = _totals(groups)
     selection = Selection({}, {}, {}, totals["filter"], neurons_total=totals["neuron"])
