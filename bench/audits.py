@@ -52,9 +52,8 @@ def benchmark():
 
 def job_spec(bench, quick: bool = False, dataset: Path | None = None, **overrides: Any):
     """The benchmark job as an AuditSpec, optionally over another (scaled) dataset root."""
-    from cnp_core.demo import benchmark_spec
 
-    spec = benchmark_spec(bench, **{**(QUICK if quick else SMALL), **overrides})
+    spec = bench.audit_spec(**{**(QUICK if quick else SMALL), **overrides})
     if dataset is not None:
         spec.dataset.root = str(dataset)
     return spec.validate()

@@ -22,6 +22,18 @@ class Metric:
     base_rate: float = 0.0
 
 
+# The audit table's AP columns (ALGORITHMS.md section 3), in table order: the field of
+# :class:`SubspaceScore` (and of the proto), its Markdown header and its short header.
+AP_COLUMNS = (
+    ("ap_attribute", "AP attribute", "AP_A"),
+    ("ap_attribute_pos", "AP attribute (pos. class)", "AP_A+"),
+    ("ap_attribute_neg", "AP attribute (neg. class)", "AP_A-"),
+    ("ap_class", "AP class", "AP_cls"),
+    ("ap_class_attr", "AP class (with attribute)", "AP_cls|A"),
+    ("ap_class_no_attr", "AP class (without attribute)", "AP_cls|~A"),
+)
+
+
 @dataclass
 class SubspaceScore:
     """One row of the concept audit table (ALGORITHMS.md section 3), on the test split."""

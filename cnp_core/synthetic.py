@@ -62,6 +62,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+from .spec import AuditSpec, DatasetRef, ModelRef
+
 # Bump whenever generation or training changes what a cached benchmark would contain.
 VERSION = 2
 
@@ -163,6 +165,29 @@ class Benchmark:
     positive_class: int
     attribute: str
     info: Path  # benchmark.json: parameters, split sizes, training time and accuracies
+
+    def audit_spec(self, **overrides) -> AuditSpec:
+        """An audit spec of this benchmark's model and dataset; ``overrides`` set any other
+        spec field (e.g. ``method``, ``n_subspaces``, ``prune``)."""
+        spec = AuditSpec(
+            model=ModelRef(
+                architecture=self.architecture,
+                weights=str(self.weights),
+                num_classes=self.num_classes,
+            ),
+            dataset=DatasetRef(
+                root=str(self.dataset),
+                input_size=self.input_size,
+                mean=tuple(self.mean),
+                std=tuple(self.std),
+            ),
+            layers=[self.layer],
+            attributes=[self.attribute],
+            positive_class=self.positive_class,
+        )
+        for key, value in overrides.items():
+            setattr(spec, key, value)
+        return spec.validate()
 
 
 # ----------------------------------------------------------------------------- images

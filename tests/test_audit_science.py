@@ -30,12 +30,11 @@ AUDIT = {
 
 
 def _audit(tmp_path, correlation: float):
-    from cnp_core.demo import benchmark_spec
     from cnp_core.pipeline import run_audit
     from cnp_core.synthetic import ensure_benchmark
 
     bench = ensure_benchmark(image_size=64, correlation=correlation)
-    result = run_audit(benchmark_spec(bench, **AUDIT), workdir=tmp_path)
+    result = run_audit(bench.audit_spec(**AUDIT), workdir=tmp_path)
     (audit,) = result.attributes
     return audit
 

@@ -697,15 +697,13 @@ def test_experiment_end_to_end_with_cav_and_relearning():
 def test_prune_stage_of_the_pipeline(tmp_path, monkeypatch):
     """CNP as the pipeline's optional stage, from a real audit on the benchmark."""
     from cnp_core import pipeline
-    from cnp_core.demo import benchmark_spec
     from cnp_core.evaluation import evaluate_table
     from cnp_core.export import load_compact
     from cnp_core.synthetic import ensure_benchmark
 
     monkeypatch.setattr(pipeline, "_evaluate", evaluate_table)  # the lead's hook, wired
     bench = ensure_benchmark()
-    spec = benchmark_spec(
-        bench,
+    spec = bench.audit_spec(
         layers=["layer1"],
         flag_threshold=0.5,
         drsa_max_epochs=100,

@@ -33,9 +33,8 @@ def bench():
 
 
 def _spec(bench, **overrides) -> AuditSpec:
-    from cnp_core.demo import benchmark_spec
 
-    spec = benchmark_spec(bench, **CHEAP)
+    spec = bench.audit_spec(**CHEAP)
     for key, value in overrides.items():
         setattr(spec, key, value)
     return spec
