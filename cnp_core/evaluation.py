@@ -182,7 +182,7 @@ def metric_row(metric: Metric) -> str:
 def evaluate_table(model: nn.Module, table, indices, spec, device: str = "cpu") -> Evaluation:
     """:func:`evaluate` on rows ``indices`` of an ImageTable, with the audit spec's groups
     (its attributes), bootstrap, seed and minimum group size (the pipeline's entry point)."""
-    from .references import ImageDataset, make_loader
+    from .data import ImageDataset, make_loader
 
     indices = np.asarray(indices)
     dataset = ImageDataset(table, indices, spec.dataset)

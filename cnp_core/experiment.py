@@ -148,7 +148,7 @@ class Row:
 
 def load_benchmark(config: ExperimentConfig):
     """The cached watermark benchmark, its model (through the real loading path) and splits."""
-    from .references import load_model
+    from .models import load_model
     from .synthetic import ensure_benchmark, load_split
 
     bench = ensure_benchmark(

@@ -26,18 +26,12 @@ import torch
 from . import __version__
 from .audit import AuditSamples, Candidate, audit_attribute, format_table
 from .collect import collect_instances, collect_relevance
+from .data import ImageDataset, ImageTable, load_dataset, make_loader, validate_images
 from .errors import Cancelled, DatasetError
 from .heatmaps import save_heatmap_grid, subspace_heatmaps
 from .lrp import Explainer
-from .references import (
-    ImageDataset,
-    ImageTable,
-    file_sha256,
-    load_dataset,
-    load_model,
-    make_loader,
-    validate_images,
-)
+from .models import load_model
+from .paths import file_sha256
 from .results import AttributeAudit, AuditResult
 from .spec import AuditSpec
 from .subspaces import ConceptBasis, fit_subspaces

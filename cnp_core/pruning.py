@@ -873,7 +873,7 @@ class _Labelled(torch.utils.data.Dataset):
     """(image, label) pairs of table rows, for fine-tuning."""
 
     def __init__(self, table, indices, ref):
-        from .references import ImageDataset
+        from .data import ImageDataset
 
         self.images = ImageDataset(table, indices, ref)
         self.labels = table.labels[np.asarray(indices)]
@@ -892,9 +892,10 @@ def prune_from_audit(spec, model, table, splits, audits, bases, keys, result, wo
     model in safetensors + architecture.json, torch.export and ONNX)."""
     from pathlib import Path
 
+    from .data import ImageDataset, make_loader
     from .evaluation import evaluate_table
     from .export import save_compact
-    from .references import ImageDataset, make_loader, save_weights
+    from .models import save_weights
 
     p = spec.prune
     attribute = p.attribute or spec.attributes[0]
@@ -956,9 +957,9 @@ def _relearner(spec, table, splits, attribute, previous, run):
     projection's layer, repeated on the fine-tuned model (concepts drift). Keeps the last
     projection when the new fit flags nothing."""
     from .collect import collect_instances, collect_relevance
+    from .data import ImageDataset, make_loader
     from .lrp import Explainer
     from .pipeline import _audit, _choose, _class_pair, _fit_bases
-    from .references import ImageDataset, make_loader
 
     state = {"projection": previous}
     layer = previous.layer

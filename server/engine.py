@@ -52,11 +52,11 @@ def check_paths(spec: AuditSpec, allowed_roots: Sequence[Path]) -> None:
 
     Symlinks are resolved first, so a link inside a root that points outside is refused.
     """
-    references = [("dataset.root", spec.dataset.root)]
+    named = [("dataset.root", spec.dataset.root)]
     if spec.model.weights and not spec.model.weights.startswith(_URI_PREFIXES):
-        references.append(("model.weights", spec.model.weights))
+        named.append(("model.weights", spec.model.weights))
     roots = [Path(r).resolve() for r in allowed_roots]
-    for field, value in references:
+    for field, value in named:
         if not value:
             continue
         if not Path(value).is_absolute():
@@ -105,12 +105,12 @@ def run_audit(
 
 def capabilities() -> dict[str, Any]:
     """Architectures, weight formats, methods and composites the engine supports."""
-    from cnp_core import references
+    from cnp_core import models
     from cnp_core.lrp import composite_names
 
     return {
-        "architectures": list(references.ARCHITECTURES),
-        "weight_formats": [*references.SAFETENSORS_SUFFIXES, *references.PICKLE_SUFFIXES],
+        "architectures": list(models.ARCHITECTURES),
+        "weight_formats": [*models.SAFETENSORS_SUFFIXES, *models.PICKLE_SUFFIXES],
         "concept_methods": list(CONCEPT_METHODS),
         "scores": list(SCORES),
         "composites": composite_names(),

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cnp_client.cli import build_parser, spec_from_args
-from cnp_core.references import load_dataset
+from cnp_core.data import load_dataset
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
 
 # bench/ is a top-level folder of the repository, not an installed package.

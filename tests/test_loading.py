@@ -1,4 +1,4 @@
-"""Loading model and dataset references: real torchvision models, real weights files and
+"""Loading models and datasets: real torchvision models, real weights files and
 real PNG images written to tmp_path, and every error a user can cause."""
 
 from __future__ import annotations
@@ -16,20 +16,17 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from cnp_core.data import ImageDataset, load_dataset, make_loader, validate_images
 from cnp_core.errors import DatasetError, LayerError, ModelError, UnsafeFile, WeightsMismatch
-from cnp_core.references import (
+from cnp_core.models import (
     ARCHITECTURES,
-    ImageDataset,
-    file_sha256,
     get_layer,
     layer_names,
-    load_dataset,
     load_model,
-    make_loader,
     read_state_dict,
     save_weights,
-    validate_images,
 )
+from cnp_core.paths import file_sha256
 from cnp_core.spec import DatasetRef, ModelRef
 
 torch.set_num_threads(1)

@@ -1,0 +1,55 @@
+"""User-given paths, checked: canonicalised and kept inside the allowed roots.
+
+Error messages name paths as the user gave them, never the server's absolute paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import CnpError
+
+LISTED = 8  # names shown in an error message before "... and N more"
+
+PathLike = str | Path
+
+
+def listing(items: Sequence[str], limit: int = LISTED) -> str:
+    """'a, b, c' or 'a, b, c, ... and 12 more': long lists stay readable."""
+    shown = ", ".join(items[:limit])
+    return f"{shown}, ... and {len(items) - limit} more" if len(items) > limit else shown
+
+
+def resolve_inside(
+    given: str,
+    allowed_roots: Sequence[PathLike] | None,
+    what: str,
+    error: type[CnpError],
+) -> Path:
+    """Canonical path of a user-given file or directory.
+
+    A relative path is looked up under each allowed root (first existing one wins), else
+    against the working directory. With ``allowed_roots``, the resolved path (symlinks
+    followed) must lie inside one of them; this is checked before existence so that
+    nothing is revealed about files elsewhere.
+    """
+    path = Path(given)
+    roots = None if allowed_roots is None else [Path(r).resolve() for r in allowed_roots]
+    if roots and not path.is_absolute():
+        candidates = [root / path for root in roots]
+        path = next((c for c in candidates if c.exists()), candidates[0])
+    resolved = path.resolve()
+    if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
+        raise error(
+            f"{what} {given!r} lies outside the allowed roots (symlinks resolved): "
+            "place it under one of the server's configured data roots"
+        )
+    return resolved
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks (weights files can be gigabytes)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
