@@ -1,15 +1,15 @@
 """DRSA: cnp's ``fit_drsa`` vs the published update rule, on planted subspaces.
 
-The reference is ``fit_drsa_reference`` (cnp_core.subspaces): U <- polar(U + grad J), step
+The published rule is ``fit_drsa_published`` (cnp_core.subspaces): U <- polar(U + grad J), step
 1, full batch, ``--epochs`` (2,500) epochs for each of 3 restarts, best restart kept. The
 contender is ``fit_drsa`` with its defaults (adaptive step, all restarts batched, stops
 on a relative-gain tolerance), from the same seeded restarts. Its wall time to converge
-is an upper bound on its time to reach the reference's objective J, so the speed-up
+is an upper bound on its time to reach the published rule's objective J, so the speed-up
 below is a lower bound, valid when its J is the same or higher (checked, to 1e-6
 relative: float32 matmuls).
 
 Planted data: ``planted_subspace_data(N, d, K)``. The issue's size is N = 10,000, d = 512,
-K = 4; there the reference alone takes about 15 minutes on 2 CPU cores (0.12 s per epoch
+K = 4; there the published rule alone takes about 15 minutes on 2 CPU cores (0.12 s per epoch
 x 7,500 epochs), so the CPU default is d = 128 and ``bench/gpu.sh`` runs d = 512 on CUDA
 (``--dim 512`` does it here too).
 
@@ -62,7 +62,7 @@ def _compare(
 ) -> common.BenchResult:
     from cnp_core.subspaces import (
         fit_drsa,
-        fit_drsa_reference,
+        fit_drsa_published,
         match_subspaces,
         objective,
         planted_subspace_data,
@@ -81,18 +81,18 @@ def _compare(
         _sync(device)
         return fit, time.perf_counter() - began
 
-    def reference():
+    def published():
         began = time.perf_counter()
-        fit = fit_drsa_reference(
+        fit = fit_drsa_published(
             a, c, k, restarts=restarts, seed=seed, max_epochs=epochs, device=device
         )
         _sync(device)
         return fit, time.perf_counter() - began
 
     fast()  # warm-up (lazy imports, allocator), untimed
-    # A, B, A: the contender's runs bracket the single long reference run.
+    # A, B, A: the contender's runs bracket the single long published-rule run.
     first, t1 = fast()
-    ref, t_ref = reference()
+    ref, t_ref = published()
     second, t2 = fast()
     t_fast = common.median([t1, t2])
     speedup = t_ref / t_fast
@@ -100,14 +100,14 @@ def _compare(
     planted_j = objective(truth, act, ctx)
     checks = [
         common.Check(
-            "reference time / fit_drsa time",
+            "published-rule time / fit_drsa time",
             speedup,
             ">=",
             TARGET,
             note=f"{t_ref:.1f} s vs {t_fast:.2f} s",
         ),
         common.Check(
-            "fit_drsa J / reference J",
+            "fit_drsa J / published-rule J",
             gain,
             ">=",
             1.0 - OBJECTIVE_TOLERANCE,
@@ -120,25 +120,25 @@ def _compare(
         "dim": dim,
         "k": k,
         "restarts": restarts,
-        "reference_epochs": epochs,
+        "published_epochs": epochs,
         "device": device,
-        "seconds": {"fit_drsa": [t1, t2], "reference": t_ref},
+        "seconds": {"fit_drsa": [t1, t2], "published": t_ref},
         "speedup": speedup,
         "objective": {
             "fit_drsa": first.objective,
             "fit_drsa_again": second.objective,
-            "reference": ref.objective,
+            "published": ref.objective,
             "planted_basis": planted_j,
         },
         "fit_drsa_epochs": first.info.get("epochs"),
         "fit_drsa_evaluations": first.info.get("evaluations"),
         "max_angle_to_planted_deg": {
             "fit_drsa": float(match_subspaces(truth, first)[1].max()),
-            "reference": float(match_subspaces(truth, ref)[1].max()),
+            "published": float(match_subspaces(truth, ref)[1].max()),
         },
     }
     title = (
-        f"DRSA: N={n}, d={dim}, K={k}, reference {epochs} epochs x {restarts} restarts, {device}"
+        f"DRSA: N={n}, d={dim}, K={k}, published rule {epochs} epochs x {restarts} restarts, {device}"
     )
     return common.BenchResult("drsa", title, checks, details)
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=None, help="instances (default 10,000)")
     p.add_argument("--dim", type=int, default=None, help="d (default 128 here, 512 on GPU)")
     p.add_argument("--k", type=int, default=4, help="subspaces")
-    p.add_argument("--epochs", type=int, default=None, help="reference epochs (2,500)")
+    p.add_argument("--epochs", type=int, default=None, help="published-rule epochs (2,500)")
     args = p.parse_args(argv)
     common.set_threads(args.threads)
     run(

@@ -1,6 +1,6 @@
 """Pruned model latency: the compact model at 30 % and 50 % of filters removed vs unpruned.
 
-The models are pruned through the public path, ``cnp_core.pruning.prune`` with vanilla
+The models are pruned through the public path, ``cnp_core.pruning.schedule.prune`` with vanilla
 LRP scores (``PruneSpec(method="lrp")``, one-shot, global ranking, coupled channels
 removed together by Torch-Pruning's dependency graph; the hidden neurons of the fully
 connected layers, e.g. VGG's classifier, go at the same rate, ranked apart from the
@@ -67,7 +67,7 @@ def _one(arch: str, size: int, quick: bool) -> tuple[list[common.Check], dict[st
     import torch_pruning as tp
 
     from cnp_core.export import for_inference
-    from cnp_core.pruning import prune
+    from cnp_core.pruning.schedule import prune
     from cnp_core.spec import PruneSpec
 
     torch.manual_seed(0)

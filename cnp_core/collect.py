@@ -15,8 +15,7 @@ import torch
 from .audit import subspace_relevance
 from .errors import Cancelled
 from .lrp import Explainer
-
-Progress = Callable[[float], None]
+from .stages import StepCallback
 
 
 @dataclass
@@ -54,14 +53,14 @@ def sample_positions(
     return rows_a.double().cpu().numpy(), rows_c.double().cpu().numpy()
 
 
-def _batches(loader, cancelled: Callable[[], bool] | None, progress: Progress | None):
+def _batches(loader, cancelled: Callable[[], bool] | None, progress: StepCallback | None):
     total = max(len(loader), 1)
     for step, (images, ids) in enumerate(loader):
         if cancelled is not None and cancelled():
             raise Cancelled("the job was cancelled")
         yield images, ids
         if progress is not None:
-            progress((step + 1) / total)
+            progress((step + 1) / total, "")
 
 
 def collect_instances(
@@ -72,7 +71,7 @@ def collect_instances(
     per_image: int,
     seed: int,
     cancelled: Callable[[], bool] | None = None,
-    progress: Progress | None = None,
+    progress: StepCallback | None = None,
 ) -> dict[str, Instances]:
     """Activations and contexts at every tapped layer, explaining class ``target``."""
     parts: dict[str, list] = {name: [] for name in explainer.taps}
@@ -110,7 +109,7 @@ def collect_relevance(
     bases: dict[str, list[np.ndarray]],
     *,
     cancelled: Callable[[], bool] | None = None,
-    progress: Progress | None = None,
+    progress: StepCallback | None = None,
 ) -> ScoredImages:
     """R_k(x) over all positions for every basis of every layer, explaining ``target``."""
     ids, logits = [], []

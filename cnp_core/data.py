@@ -94,6 +94,46 @@ class ImageTable:
         lowered = np.char.lower(np.char.strip(self._column(attribute).astype(str)))
         return np.isin(lowered, list(TRUE_VALUES))
 
+    def audited_values(self, attribute: str) -> list[tuple[str, np.ndarray]]:
+        """(value, rows that have it) per audited value: the present value of a binary
+        attribute, or every value (one-vs-rest) of a multi-valued one."""
+        if self.is_binary(attribute):
+            present = self.is_present(attribute)
+            shown = str(self.attributes[attribute][present][0]) if present.any() else "1"
+            return [(shown, present)]
+        column = self._column(attribute)
+        return [(str(v), column == v) for v in self.values(attribute)]
+
+
+@dataclass
+class SplitRows:
+    """The table rows of each split an audit uses.
+
+    ``train``: subspaces are fitted and pruned models fine-tuned on it; ``val``: K and the
+    flagged subspace are chosen on it (held out of train when the dataset has no val
+    split); ``test``: every reported number.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_rows(table: ImageTable, seed: int, holdout: float = 0.3) -> SplitRows:
+    """The splits of ``table``; without a val split, ``holdout`` of train (seeded) is val."""
+    if not table.has_split("test"):
+        raise DatasetError("labels.csv has no rows with split 'test': the audit reports on them")
+    if not table.has_split("train"):
+        raise DatasetError("labels.csv has no rows with split 'train': subspaces are fit on them")
+    train = table.indices("train")
+    if table.has_split("val"):
+        return SplitRows(train=train, val=table.indices("val"), test=table.indices("test"))
+    shuffled = np.random.default_rng(seed).permutation(train)
+    cut = int(round(holdout * len(train)))
+    return SplitRows(
+        train=np.sort(shuffled[cut:]), val=np.sort(shuffled[:cut]), test=table.indices("test")
+    )
+
 
 def load_dataset(
     ref: DatasetRef,
@@ -368,6 +408,18 @@ class ImageDataset(Dataset):
         pixels = np.array(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
         return (tensor - self._mean) / self._std, index
+
+    def stack(self) -> torch.Tensor:
+        """Every image of the dataset as one N x C x H x W tensor (for small sets)."""
+        return torch.stack([self[n][0] for n in range(len(self))])
+
+
+class LabelledImages(ImageDataset):
+    """Rows of a table as ``(image, class label)`` pairs, for training."""
+
+    def __getitem__(self, n: int) -> tuple[torch.Tensor, int]:
+        image, index = super().__getitem__(n)
+        return image, int(self.table.labels[index])
 
 
 def make_loader(

@@ -20,6 +20,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .data import ImageDataset, make_loader
 from .errors import GroupTooSmall, InvalidSpec
 from .metrics import accuracy, balanced_accuracy
 from .results import Evaluation, GroupMetric, Metric
@@ -182,7 +183,6 @@ def metric_row(metric: Metric) -> str:
 def evaluate_table(model: nn.Module, table, indices, spec, device: str = "cpu") -> Evaluation:
     """:func:`evaluate` on rows ``indices`` of an ImageTable, with the audit spec's groups
     (its attributes), bootstrap, seed and minimum group size (the pipeline's entry point)."""
-    from .data import ImageDataset, make_loader
 
     indices = np.asarray(indices)
     dataset = ImageDataset(table, indices, spec.dataset)

@@ -31,25 +31,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .audit import AuditSamples, Candidate, audit_attribute, format_table
-from .collect import collect_instances, collect_relevance
+from .audit import format_table
+from .concepts import learn_concepts
+from .data import ImageDataset, ImageTable, SplitRows, load_dataset, split_rows
+from .debias import debias
 from .errors import NoFlaggedSubspace
 from .evaluation import evaluate, find_group
-from .lrp import Explainer
-from .pruning import Projection, fold_projection, prune, reference_indices
-from .spec import PRUNE_SCOPES, SCHEDULES, ModelRef, PruneSpec
-from .subspaces import fit_subspaces
+from .models import load_model
+from .pruning.projection import Projection, fold_projection
+from .spec import PRUNE_SCOPES, SCHEDULES, AuditSpec, PruneSpec
 
 METHODS = ("lrp", "cnp")
-
-
-@dataclass
-class Split:
-    """One split of the benchmark in memory: normalised images, labels, attribute values."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    attribute: np.ndarray  # str values as in labels.csv
 
 
 @dataclass
@@ -73,6 +65,7 @@ class ExperimentConfig:
     layer: str = "layer3"  # "": the benchmark's default audited layer
     positions_per_image: int = 20
     drsa_max_epochs: int = 500
+    flag_threshold: float = AuditSpec.flag_threshold  # CNP removes only what the audit flags
     composite: str = "epsilon_plus_flat"  # LRP rules of the filter scores
     concept_composite: str = "gradient"  # context of the concept fit
     scope: str = "upstream"  # prune only convolutions that feed the audited layer
@@ -112,10 +105,15 @@ class ConceptFit:
             return cls(projection, float(data["ap_attribute"]), str(data["table"]), 0.0)
 
 
+# Bump when the concept sequence changes what a fit returns: older cached fits are not reused.
+CONCEPT_PATH = "learn_concepts-1"
+
+
 def concept_cache(config: ExperimentConfig, seed: int) -> str:
     """File name of a seed's concept fit: every setting the fit depends on is in it."""
     key = json.dumps(
         [
+            CONCEPT_PATH,
             config.benchmark,
             config.layer,
             config.concept,
@@ -123,6 +121,7 @@ def concept_cache(config: ExperimentConfig, seed: int) -> str:
             config.concept_composite,
             config.positions_per_image,
             config.drsa_max_epochs,
+            config.flag_threshold,
             config.present,
             seed,
         ]
@@ -147,138 +146,78 @@ class Row:
 
 
 def load_benchmark(config: ExperimentConfig):
-    """The cached watermark benchmark, its model (through the real loading path) and splits."""
-    from .models import load_model
-    from .synthetic import ensure_benchmark, load_split
+    """The cached watermark benchmark, its model and its dataset, through the real loading
+    paths (:mod:`cnp_core.models`, :mod:`cnp_core.data`)."""
+    from .synthetic import ensure_benchmark
 
     bench = ensure_benchmark(
         seed=config.benchmark_seed, correlation=config.correlation, image_size=config.image_size
     )
-    model = load_model(
-        ModelRef(
-            architecture=bench.architecture,
-            weights=str(bench.weights),
-            num_classes=bench.num_classes,
-        )
+    spec = bench.audit_spec()
+    model = load_model(spec.model)
+    table = load_dataset(spec.dataset, spec.attributes)
+    return bench, model, table, split_rows(table, spec.seed)
+
+
+def concept_spec(bench, config: ExperimentConfig, seed: int) -> AuditSpec:
+    """The audit spec of one seed's concept fit: the service's own settings, as configured."""
+    return bench.audit_spec(
+        layers=[config.layer],
+        method=config.concept,
+        n_subspaces=list(config.n_subspaces),
+        composite=config.concept_composite,
+        positions_per_image=config.positions_per_image,
+        drsa_max_epochs=config.drsa_max_epochs,
+        flag_threshold=config.flag_threshold,
+        bootstrap=0,
+        heatmap_samples=0,
+        min_group_size=config.min_group_size,
+        batch_size=config.batch_size,
+        device=config.device,
+        seed=seed,
     )
-    splits = {}
-    for name in ("train", "val", "test"):
-        x, y, rows = load_split(bench.dataset, name, mean=bench.mean, std=bench.std)
-        splits[name] = Split(x, y, np.array([row[bench.attribute] for row in rows]))
-    return bench, model, splits
-
-
-def _indexed(images: torch.Tensor, batch_size: int):
-    """Batches of (images, row ids), the form the collect passes read."""
-    data = torch.utils.data.TensorDataset(images, torch.arange(len(images)))
-    return torch.utils.data.DataLoader(data, batch_size=batch_size)
 
 
 def learn_projection(
-    model: nn.Module,
-    splits: dict[str, Split],
-    *,
-    layer: str,
-    attribute: str,
-    present: str = "1",
-    positive_class: int = 1,
-    concept: str = "drsa",
-    n_subspaces: tuple[int, ...] = (4,),
-    positions_per_image: int = 20,
-    drsa_max_epochs: int = 500,
-    composite: str = "epsilon_plus_flat",
-    batch_size: int = 32,
-    seed: int = 0,
-    device: str = "cpu",
+    model: nn.Module, table: ImageTable, splits: SplitRows, spec: AuditSpec
 ) -> ConceptFit:
-    """P = I - U_s U_s^T for the subspace that encodes ``attribute == present`` at ``layer``.
-
-    DRSA: fit on positive-class training images explaining that class, one basis per K;
-    K and s are chosen on the validation split by AP_attribute of the relevance share.
-    CAV: the probe direction for the attribute on per-image mean activations of the
-    training images (s is that one direction).
-    """
+    """P = I - U_s U_s^T for the subspace the audit flags for the spec's attribute, learned
+    by the service's concept sequence (:func:`cnp_core.concepts.learn_concepts`)."""
     began = time.perf_counter()
-    train, val, test = splits["train"], splits["val"], splits["test"]
-    present_train = train.attribute == present
-    with Explainer(model, [layer], composite, device=device) as explainer:
-        if concept == "drsa":
-            chosen = np.flatnonzero(train.labels.numpy() == positive_class)
-        else:
-            chosen = np.arange(len(train.labels))
-        inst = collect_instances(
-            explainer,
-            _indexed(train.images[chosen], batch_size),
-            positive_class,
-            per_image=positions_per_image,
-            seed=seed,
-        )[layer]
-        if concept == "cav":
-            ids, inverse = np.unique(inst.image_ids, return_inverse=True)
-            pooled = np.zeros((len(ids), inst.activations.shape[1]))
-            np.add.at(pooled, inverse, inst.activations)
-            pooled /= np.bincount(inverse)[:, None]
-            bases = [fit_subspaces("cav", pooled, None, 1, seed, target=present_train[chosen][ids])]
-        else:
-            bases = [
-                fit_subspaces(
-                    "drsa",
-                    inst.activations,
-                    inst.contexts,
-                    k,
-                    seed,
-                    max_epochs=drsa_max_epochs,
-                    tol=1e-5,
-                    device=device,
-                )
-                for k in n_subspaces
-            ]
-        val_scored, test_scored = (
-            collect_relevance(
-                explainer,
-                _indexed(split.images, batch_size),
-                positive_class,
-                {layer: [b.basis for b in bases]},
-            )
-            for split in (val, test)
+    attribute = spec.attributes[0]
+    concepts = learn_concepts(model, table, splits, spec)
+    projection = concepts.projection(attribute)
+    if projection is None:
+        best = max(a.selection_ap for a in concepts.audits)
+        raise NoFlaggedSubspace(
+            f"no subspace predicts {attribute} at {spec.layers[0]} with AP >= "
+            f"{spec.flag_threshold} (best on validation: {best:.3f})"
         )
-    candidates = [
-        Candidate(
-            layer,
-            b.n_subspaces,
-            val_scored.relevance[(layer, j)],
-            test_scored.relevance[(layer, j)],
-            val_scored.residue(layer, j),
-            test_scored.residue(layer, j),
-        )
-        for j, b in enumerate(bases)
-    ]
-
-    def samples(split: Split) -> AuditSamples:
-        return AuditSamples(split.labels.numpy() == positive_class, split.attribute == present)
-
-    (audit,) = audit_attribute(
-        attribute,
-        present,
-        candidates,
-        samples(val),
-        samples(test),
-        score="share" if concept == "drsa" else "raw",
-        threshold=0.0,
-    )
-    if audit.flagged_subspace < 0:
-        raise NoFlaggedSubspace(f"no subspace predicts {attribute}={present} at {layer}")
-    basis = next(b for b in bases if b.n_subspaces == audit.n_subspaces)
-    projection = Projection(layer, basis.complement_projector(audit.flagged_subspace))
+    audit = concepts.flagged(attribute)[0]
     ap = audit.subspaces[audit.flagged_subspace].ap_attribute.value
     return ConceptFit(projection, ap, format_table(audit), round(time.perf_counter() - began, 2))
 
 
-def _row(seed, method, rate, model, test, attribute, config, **extra) -> Row:
+@dataclass
+class TestSet:
+    """The test split in memory, decoded once: every run of a seed is evaluated on it."""
+
+    images: torch.Tensor
+    labels: np.ndarray
+    attribute: np.ndarray  # str values as in labels.csv
+
+    @classmethod
+    def of(cls, table: ImageTable, splits: SplitRows, spec: AuditSpec) -> TestSet:
+        rows = splits.test
+        images = ImageDataset(table, rows, spec.dataset).stack()
+        return cls(images, table.labels[rows], table.attributes[spec.attributes[0]][rows])
+
+
+def _row(seed, method, rate, model, test: TestSet, attribute, config, **extra) -> Row:
     ev = evaluate(
         model,
         test.images,
-        test.labels.numpy(),
+        test.labels,
         {attribute: test.attribute},
         example_input=test.images[:1],
         resamples=0,
@@ -301,39 +240,30 @@ def _row(seed, method, rate, model, test, attribute, config, **extra) -> Row:
 
 
 def run_seed(
+    bench,
     model: nn.Module,
-    splits: dict[str, Split],
+    table: ImageTable,
+    splits: SplitRows,
     config: ExperimentConfig,
     seed: int,
     *,
-    layer: str,
-    attribute: str,
     log: Callable[[str], None] = print,
     cache: Path | None = None,
 ) -> list[Row]:
-    """Unpruned, then vanilla and CNP at every rate, for one seed. With ``cache`` (a
-    directory), the seed's concept fit is reused from there when one with the same
-    settings exists, and saved there otherwise."""
+    """Unpruned, then vanilla and CNP at every rate, for one seed, through the service's
+    own path: the concept from :func:`learn_projection`, each pruning run from
+    :func:`cnp_core.debias.debias`. With ``cache`` (a directory), the seed's concept fit is
+    reused from there when one with the same settings exists, and saved there otherwise."""
     torch.manual_seed(seed)
-    train, test = splits["train"], splits["test"]
-    options = {
-        "layer": layer,
-        "attribute": attribute,
-        "present": config.present,
-        "concept": config.concept,
-        "n_subspaces": config.n_subspaces,
-        "positions_per_image": config.positions_per_image,
-        "drsa_max_epochs": config.drsa_max_epochs,
-        "composite": config.concept_composite,
-        "batch_size": config.batch_size,
-        "device": config.device,
-    }
+    spec = concept_spec(bench, config, seed)
+    attribute = spec.attributes[0]
+    test = TestSet.of(table, splits, spec)
     cached = cache / concept_cache(config, seed) if cache else None
     if cached and cached.exists():
         fit = ConceptFit.load(cached)
         log(f"seed {seed}: concept fit reused from {cached}\n{fit.table}")
     else:
-        fit = learn_projection(model, splits, seed=seed, **options)
+        fit = learn_projection(model, table, splits, spec)
         log(f"seed {seed}: concept fit in {fit.seconds}s\n{fit.table}")
         if cached:
             fit.save(cached)
@@ -346,15 +276,9 @@ def run_seed(
             seed, "projected", 0.0, projected, test, attribute, config, flagged_ap=fit.ap_attribute
         )
     )
-    ref = reference_indices(train.labels.numpy(), config.reference_per_class, seed)
-    reference = (train.images[ref], train.labels[ref])
-
-    def relearn(current: nn.Module) -> Projection:
-        return learn_projection(current, splits, seed=seed, **options).projection
-
     for rate in config.rates:
         for method in METHODS:
-            spec = PruneSpec(
+            spec.prune = PruneSpec(
                 method=method,
                 rate=rate,
                 schedule=config.schedule,
@@ -366,25 +290,9 @@ def run_seed(
                 scope=config.scope,
                 composite=config.composite,
             )
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(train.images, train.labels),
-                batch_size=config.batch_size,
-                shuffle=True,
-                generator=torch.Generator().manual_seed(seed),
-            )
             began = time.perf_counter()
-            out = prune(
-                model,
-                spec,
-                reference,
-                train_loader=loader,
-                projection=fit.projection,
-                relearn=relearn if config.relearn else None,
-                keep_projection=config.keep_projection,
-                layer=layer,
-                batch_size=config.batch_size,
-                device=config.device,
-                seed=seed,
+            out = debias(
+                model, table, splits, spec, fit.projection, keep_projection=config.keep_projection
             )
             seconds = round(time.perf_counter() - began, 2)
             row = _row(
@@ -588,20 +496,13 @@ def write_outputs(
 def run_experiment(
     config: ExperimentConfig, output: Path, log: Callable[[str], None] = print
 ) -> list[Row]:
-    bench, model, splits = load_benchmark(config)
+    bench, model, table, splits = load_benchmark(config)
     config.layer = config.layer or bench.layer
     config.benchmark = str(bench.dataset.parent)
     rows = []
     for seed in config.seeds:
         rows += run_seed(
-            model,
-            splits,
-            config,
-            seed,
-            layer=config.layer,
-            attribute=bench.attribute,
-            log=log,
-            cache=output / "concepts",
+            bench, model, table, splits, config, seed, log=log, cache=output / "concepts"
         )
         write_outputs(rows, config, bench.attribute, output)  # partial results survive a stop
     return rows

@@ -22,16 +22,21 @@ import copy
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .architectures import ARCHITECTURES, build
 from .errors import ModelError
+from .models import save_weights
+
+if TYPE_CHECKING:
+    from .pruning.schedule import PruneOutcome
+    from .spec import AuditSpec
 
 FORMAT_VERSION = 1
 ARCHITECTURE_FILE = "architecture.json"
@@ -216,11 +221,9 @@ def rebuild(description: dict[str, Any], base: nn.Module | None = None) -> nn.Mo
         )
     if base is None:
         name = description.get("architecture", "")
-        if name not in torchvision.models.list_models(module=torchvision.models):
+        if name not in ARCHITECTURES:
             raise ModelError(f"unknown torchvision architecture {name!r}: pass the base model")
-        base = torchvision.models.get_model(
-            name, weights=None, num_classes=description["num_classes"]
-        )
+        base = build(name, description["num_classes"])
     model = copy.deepcopy(base)
     modules = dict(model.named_modules())
     for name, spec in description["layers"].items():
@@ -302,3 +305,25 @@ def load_compact(directory: str | Path, base: nn.Module | None = None) -> nn.Mod
             f"the saved weights do not fit the described architecture: {err}"
         ) from None
     return model.eval()
+
+
+def save_pruned(outcome: PruneOutcome, directory: str | Path, spec: AuditSpec) -> dict[str, str]:
+    """Both pruned models under ``directory``: the masked state_dict and the compact model
+    in every format. Returns artifact name -> path; the names say what and which format,
+    and the client picks a model by them."""
+    directory = Path(directory)
+    masked = save_weights(outcome.masked, directory / "masked.safetensors")
+    paths = save_compact(
+        outcome.compact,
+        directory / "compact",
+        outcome.example_input,
+        architecture=spec.model.architecture,
+        num_classes=spec.model.num_classes,
+        method=spec.prune.method,
+        rate=spec.prune.rate,
+    )
+    artifacts = {"model_masked.safetensors": str(masked)}
+    for name, path in paths.items():
+        suffix = "architecture.json" if name == "architecture" else name
+        artifacts[f"model_compact.{suffix}"] = str(path)
+    return artifacts

@@ -15,7 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from .concepts import ConceptAudit  # noqa: E402
+from .data import ImageDataset, ImageTable, SplitRows  # noqa: E402
 from .lrp import Explainer  # noqa: E402
+from .spec import AuditSpec  # noqa: E402
 
 
 def _projection(matrix: torch.Tensor):
@@ -69,3 +72,37 @@ def save_heatmap_grid(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def audit_heatmaps(
+    model: torch.nn.Module,
+    table: ImageTable,
+    splits: SplitRows,
+    spec: AuditSpec,
+    concepts: ConceptAudit,
+    directory: Path,
+) -> dict[str, str]:
+    """One grid per audit table, of up to ``spec.heatmap_samples`` test images that carry
+    the attribute (from both classes: where shortcuts show). Returns artifact -> path."""
+    artifacts: dict[str, str] = {}
+    if spec.heatmap_samples == 0:
+        return artifacts
+    mean = torch.tensor(spec.dataset.mean)[:, None, None]
+    std = torch.tensor(spec.dataset.std)[:, None, None]
+    with Explainer(model, spec.layers, spec.composite, device=spec.device) as explainer:
+        for audit in concepts.audits:
+            present = dict(table.audited_values(audit.attribute))[audit.value]
+            chosen = [i for i in splits.test if present[i]][: spec.heatmap_samples]
+            if not chosen:
+                continue
+            images = ImageDataset(table, np.array(chosen), spec.dataset).stack()
+            basis = concepts.concept_of(audit).basis.basis
+            maps = subspace_heatmaps(explainer, images, spec.positive_class, audit.layer, basis)
+            shown = (images * std + mean).permute(0, 2, 3, 1).numpy()
+            captions = [f"class {table.labels[i]}" for i in chosen]
+            name = f"heatmaps/{audit.attribute}={audit.value}_{audit.layer}.png"
+            save_heatmap_grid(shown, maps, directory / name, captions)
+            artifacts[f"heatmap:{audit.attribute}={audit.value}:{audit.layer}"] = str(
+                directory / name
+            )
+    return artifacts

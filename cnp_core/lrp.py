@@ -25,13 +25,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import COMPOSITES
 from zennit.core import BasicHook, Composite, Hook, Stabilizer
 from zennit.rules import Pass, ZPlus
-from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Activation, Convolution, Linear
 
+from .architectures import canonizers_for
 from .errors import InvalidSpec, LayerError
 
 
@@ -45,17 +44,6 @@ def attribution_copy(model: nn.Module) -> nn.Module:
     for param in clone.parameters():
         param.requires_grad_(False)
     return clone
-
-
-def canonizers_for(model: nn.Module) -> list:
-    """zennit canonizers matching a torchvision architecture (BatchNorm merged, residual sums)."""
-    from torchvision.models import VGG, ResNet
-
-    if isinstance(model, ResNet):
-        return [ResNetCanonizer()]
-    if isinstance(model, VGG):
-        return [VGGCanonizer()]
-    return [SequentialMergeBatchNorm()]
 
 
 # Not an LRP composite: plain backpropagation, so the context is the gradient of the

@@ -1,6 +1,6 @@
 """Models, loaded safely: the model a spec's ``ModelRef`` names, with its weights.
 
-A torchvision architecture from :data:`ARCHITECTURES` (built with ``weights=None``, never
+A torchvision architecture from :data:`~cnp_core.architectures.ARCHITECTURES` (built with ``weights=None``, never
 downloaded) or an importable factory ``package.module:function``, plus a weights file:
 ``.safetensors``, or a state_dict read with ``torch.load(weights_only=True)`` and no
 fallback, so a pickle that would run code is refused (:class:`UnsafeFile`), never executed.
@@ -18,30 +18,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import architectures
 from .errors import LayerError, ModelError, UnsafeFile, WeightsMismatch
 from .paths import PathLike, listing, resolve_inside
 from .spec import ModelRef
 
-# Small enough to build in seconds on CPU, standard enough for LRP canonizers.
-ARCHITECTURES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "vgg11",
-    "vgg11_bn",
-    "vgg13",
-    "vgg13_bn",
-    "vgg16",
-    "vgg16_bn",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-)
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict")
@@ -54,16 +39,7 @@ def build_model(ref: ModelRef) -> nn.Module:
     if bool(ref.architecture) == bool(ref.factory):
         raise ModelError("model: give exactly one of an architecture name or a factory")
     if ref.architecture:
-        if ref.architecture not in ARCHITECTURES:
-            close = difflib.get_close_matches(ref.architecture, ARCHITECTURES, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ModelError(
-                f"unknown architecture {ref.architecture!r}{hint}; "
-                f"allowed: {', '.join(ARCHITECTURES)}"
-            )
-        return torchvision.models.get_model(
-            ref.architecture, weights=None, num_classes=ref.num_classes
-        )
+        return architectures.build(ref.architecture, ref.num_classes)
     return _call_factory(ref.factory, ref.num_classes)
 
 

@@ -10,10 +10,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import InvalidSpec
+from .methods import CONCEPT_METHODS as _CONCEPT_REGISTRY
+from .pruning.criteria import CRITERIA as _CRITERIA_REGISTRY
 
-CONCEPT_METHODS = ("drsa", "prca", "pca", "random", "cav")
+# Choices, read from the registries (a registered method is a valid choice everywhere).
+CONCEPT_METHODS = tuple(_CONCEPT_REGISTRY)
 SCORES = ("share", "raw")
-PRUNE_METHODS = ("cnp", "lrp")
+PRUNE_METHODS = tuple(_CRITERIA_REGISTRY)
 SCHEDULES = ("oneshot", "iterative")
 PRUNE_SCOPES = ("all", "upstream")
 

@@ -12,7 +12,7 @@ DRSA [Chormai et al., TPAMI 2024] maximises, on the globally normalised data
 a soft-max pooling over instances (p = 2) inside a soft-min over subspaces (q = 1/2),
 subject to U^T U = I. Two optimisers share the closed-form gradient:
 
-- ``reference``: the published schedule, U <- polar(U + grad J) with step 1 for a fixed
+- ``published``: the published schedule, U <- polar(U + grad J) with step 1 for a fixed
   number of epochs, 3 restarts from column permutations of one Haar-random matrix.
 - ``adaptive`` (default): the same restarts batched into one tensor, an adaptive step
   U <- polar(U + alpha grad J) accepted only when J increases (so J is monotone), alpha
@@ -217,7 +217,7 @@ def _resolve_device(device: str | torch.device | None, a: torch.Tensor) -> torch
 
 def haar_restarts(d: int, width: int, restarts: int, seed: int) -> np.ndarray:
     """Initial bases (restarts x d x width): column subsets, in random order, of one
-    Haar-random orthogonal d x d matrix, as in the DRSA reference code."""
+    Haar-random orthogonal d x d matrix, as in the published DRSA code."""
     rng = np.random.default_rng(seed)
     q = ortho_group.rvs(d, random_state=rng) if d > 1 else np.ones((1, 1))
     return np.stack([q[:, rng.permutation(d)[:width]] for _ in range(restarts)])
@@ -294,7 +294,7 @@ class _DrsaProblem:
         return grad
 
 
-def _optimise_reference(
+def _optimise_published(
     prob: _DrsaProblem, u0: torch.Tensor, max_epochs: int, **_: Any
 ) -> tuple[torch.Tensor, dict]:
     """The published rule, one restart after the other: U <- polar(U + grad J), step 1."""
@@ -366,11 +366,11 @@ def _optimise_adaptive(
     return u, {"epochs": epochs, "evaluations": evaluations}
 
 
-# Options of the adaptive optimiser; the reference rule has none and ignores them.
+# Options of the adaptive optimiser; the published rule has none and ignores them.
 _ADAPTIVE_OPTIONS = {"tol", "window", "step", "grow", "max_step", "max_backtracks"}
 _OPTIMISERS: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {
     "adaptive": _optimise_adaptive,
-    "reference": _optimise_reference,
+    "published": _optimise_published,
 }
 
 
@@ -392,7 +392,7 @@ def fit_drsa(
     A, C are N x d (numpy or torch); U has K blocks of d_k = ``subspace_dim`` (default
     d // K). ``optimizer``: "adaptive" (default; options ``tol``, ``window``, ``step``,
     ``grow``, ``max_step``, ``max_backtracks``, see :func:`_optimise_adaptive`) or
-    "reference" (the published rule for exactly ``max_epochs`` epochs). Both start from
+    "published" (the published rule for exactly ``max_epochs`` epochs). Both start from
     the same seeded restarts (:func:`haar_restarts`) and keep the restart with the best
     J; ``device`` defaults to that of ``act``. Subspaces are returned by mean relevance
     on the fit data, descending; ``objective`` is J of the returned basis.
@@ -425,7 +425,7 @@ def fit_drsa(
     return ConceptBasis(basis, scores[best], "drsa", info)
 
 
-def fit_drsa_reference(
+def fit_drsa_published(
     act: ArrayLike,
     ctx: ArrayLike,
     n_subspaces: int = 4,
@@ -433,8 +433,8 @@ def fit_drsa_reference(
     seed: int = 1,
     **options,
 ) -> ConceptBasis:
-    """DRSA with the published update rule (see :func:`fit_drsa`, ``optimizer="reference"``)."""
-    return fit_drsa(act, ctx, n_subspaces, restarts, seed, optimizer="reference", **options)
+    """DRSA with the published update rule (see :func:`fit_drsa`, ``optimizer="published"``)."""
+    return fit_drsa(act, ctx, n_subspaces, restarts, seed, optimizer="published", **options)
 
 
 # ------------------------------------------------------------------------ baselines
@@ -619,69 +619,6 @@ def match_subspaces(
     for i, j in zip(rows, cols, strict=True):
         angles[i] = principal_angles(a[:, i], b[:, j]).max()
     return perm, angles
-
-
-# ----------------------------------------------------------------------- dispatcher
-
-
-def _drsa_method(act, ctx, n_subspaces, seed, target, **options) -> ConceptBasis:
-    return fit_drsa(act, ctx, n_subspaces, seed=seed, **options)
-
-
-def _prca_method(act, ctx, n_subspaces, seed, target, **options) -> ConceptBasis:
-    return fit_prca(act, ctx, n_subspaces, **options)
-
-
-def _pca_method(act, ctx, n_subspaces, seed, target, **options) -> ConceptBasis:
-    return fit_pca(act, n_subspaces, ctx=ctx, **options)
-
-
-def _random_method(act, ctx, n_subspaces, seed, target, **options) -> ConceptBasis:
-    return fit_random(_as_tensor(act).shape[1], n_subspaces, seed, act=act, ctx=ctx, **options)
-
-
-def _cav_method(act, ctx, n_subspaces, seed, target, **options) -> ConceptBasis:
-    if target is None:
-        raise InvalidSpec("method 'cav' needs a binary target (the attribute) per row")
-    return fit_cav(act, target, seed=seed, **options)
-
-
-# One interface, several implementations: (act, ctx, n_subspaces, seed, target, **options)
-# -> ConceptBasis. Register a new concept method here.
-CONCEPT_METHODS: dict[str, Callable[..., ConceptBasis]] = {
-    "drsa": _drsa_method,
-    "prca": _prca_method,
-    "pca": _pca_method,
-    "random": _random_method,
-    "cav": _cav_method,
-}
-
-
-def fit_subspaces(
-    method: str,
-    act: ArrayLike,
-    ctx: ArrayLike | None,
-    n_subspaces: int = 4,
-    seed: int = 1,
-    target: ArrayLike | None = None,
-    **options: Any,
-) -> ConceptBasis:
-    """Fit concept subspaces with ``method`` (drsa | prca | pca | random | cav).
-
-    The one seam the pipeline calls. ``target`` (binary, one per row) is used by "cav"
-    only, which returns a single direction whatever ``n_subspaces`` is; ``options`` go
-    to the method (e.g. ``subspace_dim``, DRSA's ``optimizer``, ``tol``, ``device``);
-    DRSA rejects unknown options, the baselines ignore the ones they do not use, so one
-    option set can be passed to every method.
-    """
-    fit = CONCEPT_METHODS.get(method)
-    if fit is None:
-        raise InvalidSpec(
-            f"unknown concept method {method!r}; use one of {sorted(CONCEPT_METHODS)}"
-        )
-    if ctx is None and method in ("drsa", "prca"):
-        raise InvalidSpec(f"method {method!r} needs LRP contexts")
-    return fit(act, ctx, n_subspaces, seed, target, **options)
 
 
 # ------------------------------------------------------------------- planted data

@@ -57,11 +57,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 
+from . import architectures
+from .models import save_weights
 from .spec import AuditSpec, DatasetRef, ModelRef
 
 # Bump whenever generation or training changes what a cached benchmark would contain.
@@ -384,24 +384,6 @@ def load_split(
     return x.contiguous(), y, rows
 
 
-def build_model(architecture: str, num_classes: int) -> nn.Module:
-    """An untrained torchvision architecture with ``num_classes`` outputs."""
-    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
-
-
-def default_layer(architecture: str, input_size: int) -> str:
-    """A layer worth auditing: ResNet ``layer3`` when it keeps at least 4x4 positions.
-
-    ResNets downsample by 16 up to ``layer3``; below 64 px it would hold only 2x2
-    positions, too few to sample instances from, so ``layer2`` is used there.
-    """
-    if architecture.startswith(("resnet", "resnext", "wide_resnet")):
-        return "layer3" if input_size >= 64 else "layer2"
-    model = build_model(architecture, 2)
-    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    return convs[(3 * len(convs)) // 4]  # a late but not the last convolution
-
-
 def train_model(
     dataset_dir: Path | str,
     *,
@@ -432,7 +414,7 @@ def train_model(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_model(architecture, num_classes)
+            model = architectures.build(architecture, num_classes)
         order = torch.Generator().manual_seed(seed)
         optimiser = torch.optim.Adam(
             model.parameters(), lr=learning_rate, weight_decay=weight_decay
@@ -491,13 +473,6 @@ def evaluate_groups(
     }
 
 
-def save_weights(model: nn.Module, path: Path | str) -> Path:
-    """The state_dict as safetensors (contiguous tensors, no pickle)."""
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(path))
-    return Path(path)
-
-
 # ----------------------------------------------------------------------------- cache
 
 
@@ -535,7 +510,7 @@ def _benchmark(final: Path, generation: GenerationParams, training: TrainingPara
         input_size=size,
         mean=tuple(training.mean),
         std=tuple(training.std),
-        layer=default_layer(training.architecture, size),
+        layer=architectures.default_layer(training.architecture, size),
         positive_class=1,
         attribute=generation.attribute,
         info=final / "benchmark.json",

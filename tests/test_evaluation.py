@@ -12,7 +12,9 @@ from torch import nn
 
 from cnp_core.errors import GroupTooSmall, InvalidSpec
 from cnp_core.evaluation import evaluate, evaluate_predictions, find_group, model_cost, predict
-from cnp_core.pruning import channel_groups, compact_model, mask_channels, select_filters
+from cnp_core.pruning.groups import channel_groups
+from cnp_core.pruning.selection import select_filters
+from cnp_core.pruning.surgery import compact_model, mask_channels
 
 torch.set_num_threads(1)
 

@@ -22,7 +22,9 @@ from cnp_core.export import (
     rebuild,
     save_compact,
 )
-from cnp_core.pruning import channel_groups, compact_model, mask_channels, select_filters
+from cnp_core.pruning.groups import channel_groups
+from cnp_core.pruning.selection import select_filters
+from cnp_core.pruning.surgery import compact_model, mask_channels
 
 torch.set_num_threads(1)
 

@@ -7,34 +7,28 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch_pruning as tp
 import torchvision
 from sklearn.datasets import load_digits
 from torch import nn
 from zennit.rules import Epsilon
 
+from cnp_core.debias import reference_indices
 from cnp_core.errors import InvalidSpec, LayerError, NoFlaggedSubspace
 from cnp_core.lrp import Explainer
-from cnp_core.pruning import (
-    ChannelGroup,
+from cnp_core.pruning.groups import ChannelGroup, channel_groups, graph_of
+from cnp_core.pruning.layers import hidden_linears, upstream_convs
+from cnp_core.pruning.projection import (
     ConceptProjection,
-    LRPImportance,
     Projection,
-    _graph,
-    _unit_scores,
-    channel_groups,
-    compact_model,
-    filter_scores,
-    finetune,
     fold_projection,
-    hidden_linears,
     insert_projection,
-    mask_channels,
-    prune,
-    reference_indices,
-    select_filters,
     union_projection,
-    upstream_convs,
 )
+from cnp_core.pruning.relevance import filter_scores
+from cnp_core.pruning.schedule import finetune, prune
+from cnp_core.pruning.selection import select_filters, unit_scores
+from cnp_core.pruning.surgery import compact_model, mask_channels
 from cnp_core.spec import PruneSpec
 from cnp_core.subspaces import ConceptBasis
 
@@ -317,7 +311,7 @@ def test_coupled_channels_share_one_score():
     }
     coupled = ChannelGroup("x", 2, {"x": [0, 1], "bn": [0, 1], "y": [1, 0]}, ["x", "y"])
     single = ChannelGroup("z", 2, {"z": [0, 1]}, ["z"])
-    np.testing.assert_allclose(_unit_scores(coupled, scores), [0.5, 7.0])
+    np.testing.assert_allclose(unit_scores(coupled, scores), [0.5, 7.0])
     sel = select_filters(scores, 0.3, [coupled, single])  # target 2 of 6 filters
     assert sel.groups == {"x": [0]}
     assert sel.removed == {"x": [0], "y": [1]}
@@ -414,34 +408,51 @@ def test_masked_and_compact_compute_the_same_function(arch, rate):
             assert all(r == removed[0] for r in removed)
 
 
-def test_lrp_importance_is_the_unit_score(resnet, images):
+_OUTPUT_HANDLERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+
+
+def _torch_pruning_mean(group, scores, names) -> np.ndarray:
+    """An independent oracle: the mean score per root channel over the scored layers of a
+    Torch-Pruning group, read straight from the graph's own index maps."""
+    total = np.zeros(len(group[0].root_idxs))
+    count = np.zeros_like(total)
+    for item in group:
+        name = names.get(item.dep.target.module)
+        if name in scores and any(item.dep.handler == h for h in _OUTPUT_HANDLERS):
+            np.add.at(total, item.root_idxs, scores[name][item.idxs].double().numpy())
+            np.add.at(count, item.root_idxs, 1.0)
+    return total / np.maximum(count, 1)
+
+
+def test_unit_scores_follow_the_torch_pruning_groups(resnet, images):
     scores = filter_scores(resnet, *images)
     clean = copy.deepcopy(resnet)
-    graph = _graph(clean, images[0][:1])
+    graph = graph_of(clean, images[0][:1])
     names = {m: n for n, m in clean.named_modules()}
-    importance = LRPImportance(scores, names)
     groups = {g.root: g for g in channel_groups(resnet, images[0][:1])}
     seen = 0
     for group in graph.get_all_groups(root_module_types=[nn.Conv2d]):
         root = names[group[0].dep.target.module]
-        expected = _unit_scores(groups[root], scores)
-        np.testing.assert_allclose(importance(group).numpy(), expected, rtol=1e-5)
+        expected = _torch_pruning_mean(group, scores, names)
+        np.testing.assert_allclose(unit_scores(groups[root], scores), expected, rtol=1e-5)
         seen += 1
     assert seen == len(groups) == 12  # resnet18: 8 block-internal convs + 4 residual streams
 
 
-def test_lrp_importance_of_hidden_neurons():
+def test_unit_scores_of_hidden_neurons():
     model = HiddenNet(hidden=4).eval()
     x = torch.rand(3, 3, 8, 8)
     scores = filter_scores(model, x, torch.tensor([0, 1, 2]))
     clean = copy.deepcopy(model)
-    graph = _graph(clean, x[:1])
+    graph = graph_of(clean, x[:1])
     names = {m: n for n, m in clean.named_modules()}
     groups = {g.root: g for g in channel_groups(model, x[:1])}
     assert {r: g.kind for r, g in groups.items()} == {"conv": "filter", "hidden": "neuron"}
-    group = graph.get_all_groups(root_module_types=[nn.Linear], ignored_layers=[clean.out])
-    importance = LRPImportance(scores, names)(next(iter(group)))
-    np.testing.assert_allclose(importance.numpy(), scores["hidden"].numpy(), rtol=1e-6)
+    (group,) = graph.get_all_groups(root_module_types=[nn.Linear], ignored_layers=[clean.out])
+    np.testing.assert_allclose(
+        unit_scores(groups["hidden"], scores), _torch_pruning_mean(group, scores, names), rtol=1e-6
+    )
+    np.testing.assert_allclose(unit_scores(groups["hidden"], scores), scores["hidden"], rtol=1e-6)
 
 
 def test_fold_projection_is_exact(resnet, images):
@@ -681,10 +692,8 @@ def test_experiment_end_to_end_with_cav_and_relearning():
         layer="layer1",
         image_size=32,
     )
-    bench, model, splits = load_benchmark(config)
-    rows = run_seed(
-        model, splits, config, 0, layer="layer1", attribute=bench.attribute, log=lambda m: None
-    )
+    bench, model, table, splits = load_benchmark(config)
+    rows = run_seed(bench, model, table, splits, config, 0, log=lambda m: None)
     assert [r.method for r in rows] == ["none", "projected", "lrp", "cnp"]
     lrp, cnp = rows[2], rows[3]
     # Residual-coupled convs leave together, so matched rates agree up to one group (<= 4).
@@ -694,14 +703,12 @@ def test_experiment_end_to_end_with_cav_and_relearning():
 
 
 @pytest.mark.slow
-def test_prune_stage_of_the_pipeline(tmp_path, monkeypatch):
+def test_prune_stage_of_the_pipeline(tmp_path):
     """CNP as the pipeline's optional stage, from a real audit on the benchmark."""
     from cnp_core import pipeline
-    from cnp_core.evaluation import evaluate_table
     from cnp_core.export import load_compact
     from cnp_core.synthetic import ensure_benchmark
 
-    monkeypatch.setattr(pipeline, "_evaluate", evaluate_table)  # the lead's hook, wired
     bench = ensure_benchmark()
     spec = bench.audit_spec(
         layers=["layer1"],

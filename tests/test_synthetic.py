@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cnp_core import synthetic
+from cnp_core.architectures import build
 from cnp_core.synthetic import (
     GenerationParams,
-    build_model,
     ensure_benchmark,
     evaluate_groups,
     generate_dataset,
@@ -161,7 +161,7 @@ def test_cache_builds_once_and_reuses_the_files(tmp_path):
     assert (bench.dataset / "labels.csv").is_file() and bench.weights.is_file()
     assert (bench.input_size, bench.positive_class, bench.attribute) == (32, 1, "watermark")
     assert bench.layer == "layer2"  # resnet18 at 32 px: layer3 would hold only 2x2 positions
-    model = build_model(bench.architecture, bench.num_classes)
+    model = build(bench.architecture, bench.num_classes)
     model.load_state_dict(load_file(str(bench.weights)))  # strict: every tensor fits
     files = sorted(p for p in bench.dataset.parent.rglob("*") if p.is_file())
     stamps = [p.stat().st_mtime_ns for p in files]
@@ -196,7 +196,7 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
 
 
 def _evaluate(bench) -> dict:
-    model = build_model(bench.architecture, bench.num_classes)
+    model = build(bench.architecture, bench.num_classes)
     model.load_state_dict(load_file(str(bench.weights)))
     with torch.no_grad():
         result = evaluate_groups(

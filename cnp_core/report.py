@@ -1,0 +1,100 @@
+"""The report of an audit: report.json (the whole result), audit_table.csv (one row per
+subspace) and a plain-text summary for terminals and logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .audit import format_table
+from .results import AP_COLUMNS, AuditResult
+
+
+def versions() -> dict[str, str]:
+    """The versions of what computed a result (every report carries them)."""
+    import sklearn
+    import torchvision
+    import zennit
+
+    return {
+        "cnp": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "zennit": getattr(zennit, "__version__", "0.5"),
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def _finite(value):
+    """JSON has no NaN: undefined values (e.g. AP with one class absent) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_report(result: AuditResult, workdir: Path) -> None:
+    """report.json (the whole result) and audit_table.csv (one row per subspace)."""
+    report = workdir / "report.json"
+    result.artifacts["report"] = str(report)
+    table = workdir / "audit_table.csv"
+    result.artifacts["audit_table"] = str(table)
+    report.write_text(json.dumps(_finite(result.to_dict()), indent=2, default=_json_default))
+    columns = [field for field, _, _ in AP_COLUMNS]
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["attribute", "value", "layer", "k", "subspace", "flagged", "mean_relevance"]
+            + [f"{c}{suffix}" for c in columns for suffix in ("", "_low", "_high", "_base")]
+        )
+        for audit in result.attributes:
+            for row in audit.subspaces:
+                cells = []
+                for c in columns:
+                    m = getattr(row, c)
+                    cells += [m.value, m.ci_low, m.ci_high, m.base_rate]
+                writer.writerow(
+                    [audit.attribute, audit.value, audit.layer, audit.n_subspaces, row.index]
+                    + [row.index == audit.flagged_subspace, row.mean_relevance]
+                    + cells
+                )
+
+
+def summary(result: AuditResult) -> str:
+    """The audit tables and group accuracies as plain text, for terminals and logs."""
+    parts = [format_table(audit) for audit in result.attributes]
+    for name, evaluation in (("before", result.before), ("after", result.after)):
+        if evaluation is None:
+            continue
+        lines = [
+            f"{name}: balanced accuracy {evaluation.balanced_accuracy.value:.3f}, "
+            f"worst group {evaluation.worst_group} {evaluation.worst_group_accuracy.value:.3f}"
+        ]
+        for g in evaluation.groups:
+            flag = "  (small)" if g.too_small else ""
+            lines.append(
+                f"  class {g.label} {g.attribute}={g.value}: {g.accuracy.value:.3f} "
+                f"[{g.accuracy.ci_low:.3f}, {g.accuracy.ci_high:.3f}] n={g.count}{flag}"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
