@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cnp_server.demo
+	$(PY) -m cnp_client.demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -137,9 +137,7 @@ def _compare(
             "published": float(match_subspaces(truth, ref)[1].max()),
         },
     }
-    title = (
-        f"DRSA: N={n}, d={dim}, K={k}, published rule {epochs} epochs x {restarts} restarts, {device}"
-    )
+    title = f"DRSA: N={n}, d={dim}, K={k}, published rule {epochs} epochs x {restarts} restarts, {device}"
     return common.BenchResult("drsa", title, checks, details)
 
 

@@ -19,9 +19,8 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import grpc
 from google.protobuf import json_format
 
 from cnp_core.errors import CnpError
@@ -38,7 +37,7 @@ from cnp_core.spec import (
 )
 
 from . import reports
-from .client import AuditClient, Job, Progress, ServiceError
+from .client import AuditClient, Job, Progress, ServiceError, code_name
 from .gates import GRAMMAR, GateError, Rule, all_passed, evaluate, parse_rules
 
 EXIT_PASS = 0
@@ -89,24 +88,10 @@ class CliError(Exception):
 
 def exit_code_for(code: Any) -> int:
     """The exit code of a gRPC status (a ``grpc.StatusCode``, its name or its number)."""
-    name = _code_name(code)
+    name = code_name(code)
     if name == "OK":
         return EXIT_PASS
     return EXIT_BAD_INPUT if name in BAD_INPUT_CODES else EXIT_UNAVAILABLE
-
-
-def _code_name(code: Any) -> str:
-    if code is None:
-        return "UNKNOWN"
-    name = getattr(code, "name", None)  # grpc.StatusCode or an enum
-    if isinstance(name, str):
-        return name
-    if isinstance(code, int):
-        for status in grpc.StatusCode:
-            if status.value[0] == code:
-                return status.name
-        return "UNKNOWN"
-    return str(code).rsplit(".", 1)[-1].upper()
 
 
 # --- arguments ---------------------------------------------------------------------------
@@ -129,6 +114,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected integers (a comma list), got {text!r}"
         ) from None
+
+
+def _absolute(path: str) -> str:
+    """Absolute, user-expanded; the server canonicalises and checks its allowed roots."""
+    return str(Path(path).expanduser().absolute()) if path else path
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -174,69 +164,136 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="do not print the tables to stdout")
 
 
-def _audit_options(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("model")
-    which = model.add_mutually_exclusive_group()
-    which.add_argument("--model", metavar="ARCH", help="torchvision architecture, e.g. resnet18")
-    which.add_argument("--factory", metavar="MODULE:FUNCTION", help="importable model factory")
-    model.add_argument("--weights", metavar="FILE", help=".safetensors or state_dict .pt/.pth")
-    model.add_argument("--num-classes", type=int, metavar="N")
+class SpecFlag(NamedTuple):
+    """A ``cnp audit`` flag and the spec field it sets (dotted, e.g. ``prune.rate``)."""
 
-    data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset", metavar="DIR", help="directory with images and labels.csv")
-    data.add_argument("--input-size", type=int, metavar="N")
-    data.add_argument("--mean", type=_triple, metavar="R,G,B")
-    data.add_argument("--std", type=_triple, metavar="R,G,B")
+    flag: str
+    field: str
+    options: dict[str, Any]  # argparse keywords: type, help, choices, metavar, action
 
-    audit = parser.add_argument_group("audit")
-    audit.add_argument("--layer", action="append", default=[], metavar="NAME", help="repeatable")
-    audit.add_argument(
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+def _flag(flag: str, field: str, **options: Any) -> SpecFlag:
+    return SpecFlag(flag, field, options)
+
+
+# Every AuditSpec field, and nothing else, has one flag here: both the parser and
+# spec_from_args read this table, so a new spec field needs only a new row.
+SPEC_FLAGS: tuple[SpecFlag, ...] = (
+    _flag(
+        "--model",
+        "model.architecture",
+        metavar="ARCH",
+        help="torchvision architecture, e.g. resnet18",
+    ),
+    _flag("--factory", "model.factory", metavar="MODULE:FUNCTION", help="importable model factory"),
+    _flag(
+        "--weights",
+        "model.weights",
+        type=_absolute,
+        metavar="FILE",
+        help=".safetensors or state_dict .pt/.pth",
+    ),
+    _flag("--num-classes", "model.num_classes", type=int, metavar="N"),
+    _flag(
+        "--dataset",
+        "dataset.root",
+        type=_absolute,
+        metavar="DIR",
+        help="directory with images and labels.csv",
+    ),
+    _flag("--input-size", "dataset.input_size", type=int, metavar="N"),
+    _flag("--mean", "dataset.mean", type=_triple, metavar="R,G,B"),
+    _flag("--std", "dataset.std", type=_triple, metavar="R,G,B"),
+    _flag(
+        "--max-pixels",
+        "dataset.max_pixels",
+        type=int,
+        metavar="N",
+        help="largest image read, in pixels (a decompression-bomb cap)",
+    ),
+    _flag("--layer", "layers", action="append", metavar="NAME", help="repeatable"),
+    _flag(
         "--attribute",
+        "attributes",
         action="append",
-        default=[],
         metavar="NAME",
         help="labels.csv column (repeatable)",
-    )
-    audit.add_argument("--positive-class", type=int, metavar="C")
-    audit.add_argument("--negative-class", type=int, metavar="C", help="-1: every other class")
-    audit.add_argument("--method", choices=CONCEPT_METHODS)
-    audit.add_argument(
+    ),
+    _flag("--positive-class", "positive_class", type=int, metavar="C"),
+    _flag(
+        "--negative-class", "negative_class", type=int, metavar="C", help="-1: every other class"
+    ),
+    _flag("--method", "method", choices=CONCEPT_METHODS),
+    _flag(
         "--subspaces",
+        "n_subspaces",
         type=_int_list,
-        action="append",
+        action="extend",
         metavar="K",
         help="numbers of subspaces to try, e.g. 4 or 2,4,8 (repeatable; chosen on validation)",
-    )
-    audit.add_argument("--score", choices=SCORES)
-    audit.add_argument("--composite", metavar="NAME")
-    audit.add_argument("--flag-threshold", type=float, metavar="AP")
-    audit.add_argument("--bootstrap", type=int, metavar="N", help="resamples; 0 disables CIs")
-    audit.add_argument("--min-group-size", type=int, metavar="N")
-    audit.add_argument("--positions-per-image", type=int, metavar="N")
-    audit.add_argument("--fit-images", type=int, metavar="N")
-    audit.add_argument("--drsa-restarts", type=int, metavar="N")
-    audit.add_argument("--drsa-max-epochs", type=int, metavar="N")
-    audit.add_argument("--heatmap-samples", type=int, metavar="N", help="0: no heatmaps")
-    audit.add_argument("--batch-size", type=int, metavar="N")
-    audit.add_argument("--device", metavar="cpu|cuda[:N]")
-    audit.add_argument("--seed", type=int)
-
-    prune = parser.add_argument_group("pruning")
-    prune.add_argument("--prune", choices=PRUNE_METHODS, help="prune after the audit")
-    prune.add_argument(
-        "--prune-rate", type=float, metavar="R", help="fraction of filters in (0, 1)"
-    )
-    prune.add_argument("--prune-schedule", choices=SCHEDULES)
-    prune.add_argument("--prune-steps", type=int, metavar="N")
-    prune.add_argument("--finetune-epochs", type=int, metavar="N")
-    prune.add_argument("--learning-rate", type=float, metavar="LR")
-    prune.add_argument("--prune-attribute", metavar="NAME", help="attribute to remove")
-    prune.add_argument(
+    ),
+    _flag("--score", "score", choices=SCORES),
+    _flag("--composite", "composite", metavar="NAME"),
+    _flag("--flag-threshold", "flag_threshold", type=float, metavar="AP"),
+    _flag("--bootstrap", "bootstrap", type=int, metavar="N", help="resamples; 0 disables CIs"),
+    _flag("--min-group-size", "min_group_size", type=int, metavar="N"),
+    _flag("--positions-per-image", "positions_per_image", type=int, metavar="N"),
+    _flag("--fit-images", "fit_images", type=int, metavar="N"),
+    _flag("--drsa-restarts", "drsa_restarts", type=int, metavar="N"),
+    _flag("--drsa-max-epochs", "drsa_max_epochs", type=int, metavar="N"),
+    _flag("--heatmap-samples", "heatmap_samples", type=int, metavar="N", help="0: no heatmaps"),
+    _flag("--batch-size", "batch_size", type=int, metavar="N"),
+    _flag("--device", "device", metavar="cpu|cuda[:N]"),
+    _flag("--seed", "seed", type=int),
+    # --prune turns pruning on (and picks the method); the other prune.* flags need it.
+    _flag("--prune", "prune.method", choices=PRUNE_METHODS, help="prune after the audit"),
+    _flag(
+        "--prune-rate", "prune.rate", type=float, metavar="R", help="fraction of filters in (0, 1)"
+    ),
+    _flag("--prune-schedule", "prune.schedule", choices=SCHEDULES),
+    _flag("--prune-steps", "prune.steps", type=int, metavar="N"),
+    _flag("--finetune-epochs", "prune.finetune_epochs", type=int, metavar="N"),
+    _flag("--learning-rate", "prune.learning_rate", type=float, metavar="LR"),
+    _flag(
+        "--reference-per-class",
+        "prune.reference_per_class",
+        type=int,
+        metavar="N",
+        help="reference images per class for the filter scores",
+    ),
+    _flag("--prune-attribute", "prune.attribute", metavar="NAME", help="attribute to remove"),
+    _flag(
         "--prune-scope",
+        "prune.scope",
         choices=PRUNE_SCOPES,
         help="'upstream': only filters that feed the audited layer (default: all)",
-    )
-    prune.add_argument("--relearn-subspaces", action="store_true", default=None)
+    ),
+    _flag("--relearn-subspaces", "prune.relearn_subspaces", action="store_true", default=None),
+    _flag(
+        "--prune-composite",
+        "prune.composite",
+        metavar="NAME",
+        help="LRP rules of the filter scores",
+    ),
+)
+
+# Help groups by the first part of the field; top-level fields are the audit's.
+_GROUPS = {"model": "model", "dataset": "dataset", "": "audit", "prune": "pruning"}
+_ONE_OF = ("--model", "--factory")  # a model is an architecture or a factory
+
+
+def _audit_options(parser: argparse.ArgumentParser) -> None:
+    groups = {part: parser.add_argument_group(title) for part, title in _GROUPS.items()}
+    one_of = groups["model"].add_mutually_exclusive_group()
+    for flag in SPEC_FLAGS:
+        group = one_of if flag.flag in _ONE_OF else groups[flag.field.rpartition(".")[0]]
+        group.add_argument(flag.flag, dest=flag.dest, **flag.options)
+
+    prune = groups["prune"]
     prune.add_argument("--download-model", metavar="F", help="save the pruned model here")
 
     job = parser.add_argument_group("job")
@@ -309,87 +366,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _absolute(path: str) -> str:
-    """Absolute, user-expanded; the server canonicalises and checks its allowed roots."""
-    return str(Path(path).expanduser().absolute())
-
-
 def spec_from_args(args: argparse.Namespace) -> AuditSpec:
     """The AuditSpec the flags describe; unset flags keep the library's defaults."""
-
-    def given(**pairs: Any) -> dict[str, Any]:
-        return {key: value for key, value in pairs.items() if value is not None}
-
-    model = ModelRef(
-        **given(
-            architecture=args.model,
-            factory=args.factory,
-            weights=_absolute(args.weights) if args.weights else None,
-            num_classes=args.num_classes,
-        )
-    )
-    dataset = DatasetRef(
-        **given(
-            root=_absolute(args.dataset) if args.dataset else None,
-            input_size=args.input_size,
-            mean=args.mean,
-            std=args.std,
-        )
-    )
-    prune = None
-    if args.prune:
-        prune = PruneSpec(
-            **given(
-                method=args.prune,
-                rate=args.prune_rate,
-                schedule=args.prune_schedule,
-                steps=args.prune_steps,
-                finetune_epochs=args.finetune_epochs,
-                learning_rate=args.learning_rate,
-                attribute=args.prune_attribute,
-                relearn_subspaces=args.relearn_subspaces,
-                scope=args.prune_scope,
-            )
-        )
-    elif any(
-        value is not None
-        for value in (
-            args.prune_rate,
-            args.prune_schedule,
-            args.prune_steps,
-            args.prune_attribute,
-            args.prune_scope,
-        )
-    ):
+    given: dict[str, dict[str, Any]] = {part: {} for part in _GROUPS}
+    pruning: list[str] = []
+    for flag in SPEC_FLAGS:
+        value = getattr(args, flag.dest)
+        if value is None:
+            continue
+        part, _, name = flag.field.rpartition(".")
+        given[part][name] = value
+        if part == "prune":
+            pruning.append(flag.flag)
+    if pruning and "method" not in given["prune"]:  # only --prune turns pruning on
         raise CliError(
-            "--prune-rate, --prune-schedule, --prune-steps, --prune-scope need --prune cnp|lrp"
+            f"{', '.join(pruning)}: pruning flags need --prune {'|'.join(PRUNE_METHODS)}"
         )
-    subspaces = [k for ks in args.subspaces for k in ks] if args.subspaces else None
     return AuditSpec(
-        model=model,
-        dataset=dataset,
-        layers=list(args.layer),
-        attributes=list(args.attribute),
-        prune=prune,
-        **given(
-            positive_class=args.positive_class,
-            negative_class=args.negative_class,
-            method=args.method,
-            n_subspaces=subspaces,
-            score=args.score,
-            composite=args.composite,
-            flag_threshold=args.flag_threshold,
-            bootstrap=args.bootstrap,
-            min_group_size=args.min_group_size,
-            positions_per_image=args.positions_per_image,
-            fit_images=args.fit_images,
-            drsa_restarts=args.drsa_restarts,
-            drsa_max_epochs=args.drsa_max_epochs,
-            heatmap_samples=args.heatmap_samples,
-            batch_size=args.batch_size,
-            device=args.device,
-            seed=args.seed,
-        ),
+        model=ModelRef(**given["model"]),
+        dataset=DatasetRef(**given["dataset"]),
+        prune=PruneSpec(**given["prune"]) if given["prune"] else None,
+        **given[""],
     )
 
 
@@ -468,10 +465,11 @@ class _Display:
             return
         try:
             from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as ProgressBar
         except ImportError:  # rich is optional: the client installs with grpcio alone
             return
-        self.bar = Progress(
+        self.bar = ProgressBar(
             TextColumn("[bold]{task.fields[stage]:<12}"),
             BarColumn(),
             TextColumn("{task.percentage:>3.0f}%"),

@@ -32,10 +32,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
+from cnp_core import convert
 from cnp_core.results import AuditResult
 from cnp_core.spec import AuditSpec
-from cnp_server import convert
-from cnp_server.errors import code_name
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -139,6 +138,19 @@ _ERRORS: dict[str, type[ServiceError]] = {
         Internal,
     )
 }
+
+
+def code_name(code: Any) -> str:
+    """The gRPC status name of a code: a ``grpc.StatusCode``, its number (as in
+    ``google.rpc.Status.code``) or its name; "UNKNOWN" for anything else."""
+    if code is None:
+        return "UNKNOWN"
+    name = getattr(code, "name", None)  # grpc.StatusCode or another enum
+    if isinstance(name, str):
+        return name
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    return str(code).rsplit(".", 1)[-1].upper()
 
 
 def error_for(code: str, message: str, *, audit_id: str = "") -> ServiceError:

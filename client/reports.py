@@ -12,19 +12,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cnp_core.results import AP_COLUMNS
+
 from .gates import Check, as_number, metric_value
 
 Report = Mapping[str, Any]
-
-# (JSON field, Markdown header, text header) of the audit table's AP columns (ALGORITHMS.md §3).
-AP_COLUMNS = (
-    ("ap_attribute", "AP attribute", "AP_A"),
-    ("ap_attribute_pos", "AP attribute (pos. class)", "AP_A+"),
-    ("ap_attribute_neg", "AP attribute (neg. class)", "AP_A-"),
-    ("ap_class", "AP class", "AP_cls"),
-    ("ap_class_attr", "AP class (with attribute)", "AP_cls|A"),
-    ("ap_class_no_attr", "AP class (without attribute)", "AP_cls|~A"),
-)
 
 
 def write_text(path: str | Path, text: str) -> Path:

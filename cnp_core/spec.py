@@ -1,7 +1,7 @@
 """What a job asks for: the one spec type, shared by the library, the server and the CLI.
 
-The proto ``cnp.v1.AuditSpec`` mirrors these dataclasses field for field; the server's
-converter is the only place that translates between the two.
+The proto ``cnp.v1.AuditSpec`` mirrors these dataclasses field for field; the
+converter (:mod:`cnp_core.convert`) is the only place that translates between the two.
 """
 
 from __future__ import annotations

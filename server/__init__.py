@@ -1,7 +1,7 @@
 """cnp_server: the gRPC concept audit service (``cnp-server``).
 
-Importing the package is cheap on purpose: the client imports ``cnp_server.convert``
-(protobuf and dataclasses only), so nothing here may pull in SQLAlchemy, MLflow or torch.
+Importing the package is cheap on purpose (worker processes and tools import parts of
+it), so nothing here may pull in SQLAlchemy, MLflow or torch.
 """
 
 from cnp_core import __version__

@@ -89,13 +89,6 @@ def code_number(name: str) -> int:
     return code_of(name).value[0]
 
 
-def code_name(number: int) -> str:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code.name
-    return "UNKNOWN"
-
-
 def rpc_errors(method: F) -> F:
     """Decorate a servicer method so every exception ends as a proper status.
 

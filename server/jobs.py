@@ -1,6 +1,6 @@
 """The job record: what the store keeps about one audit, as a plain dataclass.
 
-Kept free of SQLAlchemy so the converter (and through it the client) can use it.
+Kept free of SQLAlchemy so the job converter (``convert``) can use it without a database.
 """
 
 from __future__ import annotations

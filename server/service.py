@@ -18,6 +18,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
 from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
+from cnp_core.convert import audit_id_of, spec_from_proto, spec_to_json
 from cnp_core.errors import CnpError
 
 from . import __version__, convert
@@ -58,7 +59,7 @@ class AuditService:
     def job(self, audit_id: str) -> JobRecord:
         if not audit_id:
             raise BadRequest("audit_id is required")
-        return self.store.get(convert.audit_id_of(audit_id))
+        return self.store.get(audit_id_of(audit_id))
 
     def wait_for(self, audit_id: str, seconds: float, context: grpc.ServicerContext) -> JobRecord:
         deadline = time.monotonic() + seconds
@@ -99,8 +100,8 @@ class ConceptAuditServicer(service_pb2_grpc.ConceptAuditServicer):
         s = self.s
         if s.stopping.is_set():
             raise ShuttingDown("the server is shutting down; retry on another replica or later")
-        spec = convert.spec_from_proto(request.spec)
-        spec_json = convert.spec_to_json(spec)
+        spec = spec_from_proto(request.spec)
+        spec_json = spec_to_json(spec)
         request_id = request.request_id or None
         if request_id:
             existing = s.store.find_by_request_id(request_id)
@@ -262,7 +263,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @rpc_errors
     def DeleteOperation(self, request, context):
-        job = self.s.store.delete(convert.audit_id_of(request.name))
+        job = self.s.store.delete(audit_id_of(request.name))
         shutil.rmtree(workdir_of(self.s.config, job.id), ignore_errors=True)
         log.info("audit %s deleted", job.id)
         return empty_pb2.Empty()

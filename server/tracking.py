@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cnp.v1 import report_pb2
+from cnp_core.results import AP_COLUMNS
 
 from . import __version__
 from .config import ServerConfig
@@ -70,14 +71,7 @@ def report_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
         metrics[_key(*head, "n_subspaces")] = audit.n_subspaces
         for s in audit.subspaces:
             metrics[_key(*head, f"s{s.index}", "mean_relevance")] = s.mean_relevance
-            for field in (
-                "ap_attribute",
-                "ap_attribute_pos",
-                "ap_attribute_neg",
-                "ap_class",
-                "ap_class_attr",
-                "ap_class_no_attr",
-            ):
+            for field, _, _ in AP_COLUMNS:
                 metrics.update(_metric_values((*head, f"s{s.index}", field), getattr(s, field)))
     for name in ("before", "after"):
         if not report.HasField(name):

@@ -33,10 +33,10 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from cnp_core import convert
 from cnp_core.errors import Cancelled
 from cnp_core.results import AuditResult
 
-from . import convert
 from .errors import classify
 from .jobs import CANCELLED, FAILED, SUCCEEDED
 

@@ -16,6 +16,7 @@ from cnp_client.cli import (
     BAD_INPUT_CODES,
     EXIT_BAD_INPUT,
     EXIT_UNAVAILABLE,
+    CliError,
     _Display,
     build_parser,
     exit_code_for,
@@ -60,6 +61,27 @@ def test_flags_become_the_spec(tmp_path, monkeypatch):
     prune = spec.prune
     assert (prune.method, prune.rate, prune.schedule, prune.steps) == ("lrp", 0.2, "iterative", 3)
     assert (prune.finetune_epochs, prune.attribute) == (2, "watermark")
+
+
+def test_flags_for_image_cap_reference_set_and_pruning_rules():
+    spec = parse_spec(
+        "--max-pixels", "1000000", "--prune", "cnp", "--reference-per-class", "8",
+        "--prune-composite", "epsilon", "--learning-rate", "0.01", "--relearn-subspaces",
+    )  # fmt: skip
+    assert spec.validate() is spec and spec.dataset.max_pixels == 1_000_000
+    prune = spec.prune
+    assert (prune.reference_per_class, prune.composite) == (8, "epsilon")
+    assert (prune.learning_rate, prune.relearn_subspaces) == (0.01, True)
+    assert spec.composite == AuditSpec().composite  # the audit's rules stay apart
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--reference-per-class", "8"], ["--prune-steps", "2", "--prune-composite", "epsilon"]],
+)
+def test_every_pruning_flag_needs_prune(flags):
+    with pytest.raises(CliError, match=f"{', '.join(flags[::2])}: pruning flags need --prune"):
+        parse_spec(*flags)
 
 
 def test_unset_flags_keep_library_defaults():

@@ -1,4 +1,4 @@
-"""``make demo`` (``python -m cnp_server.demo``): its helpers, and the real thing end to end.
+"""``make demo`` (``python -m cnp_client.demo``): its helpers, and the real thing end to end.
 
 The slow tests run the demo module as a user would (a subprocess that starts
 ``cnp-server`` and calls the ``cnp`` CLI) with reduced audit settings passed through to
@@ -22,8 +22,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from cnp_client import demo
 from cnp_client.cli import build_parser, spec_from_args
-from cnp_server import demo
 
 REPO = Path(__file__).resolve().parents[1]
 # Reduced settings: a cheap supervised basis, few positions, no heatmaps, few resamples;
@@ -172,7 +172,7 @@ def test_wait_serving_reports_a_server_that_exits_with_its_log(tmp_path):
 
 
 def run_demo(tmp_path: Path, *args: str, **kwargs) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cnp_server.demo", "--data-dir", str(tmp_path / "server")]
+    command = [sys.executable, "-m", "cnp_client.demo", "--data-dir", str(tmp_path / "server")]
     command += ["--out", str(tmp_path / "out"), *args]
     # cwd=REPO: the benchmark cache (.cnp/cache) is shared with the other tests.
     return subprocess.Popen(command, cwd=REPO, text=True, **kwargs)

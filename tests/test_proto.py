@@ -10,10 +10,11 @@ import pytest
 from google.protobuf import json_format
 
 from cnp.v1 import report_pb2, service_pb2, spec_pb2
-from cnp_core import results
+from cnp_core import convert, results
 from cnp_core.errors import InvalidSpec
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef, PruneSpec
-from cnp_server import convert, protogen
+from cnp_server import protogen
+from cnp_server.convert import operation_of
 from cnp_server.jobs import FAILED, SUCCEEDED, JobRecord
 
 
@@ -172,7 +173,7 @@ def _job(state: str, **values) -> JobRecord:
 
 def test_operation_of_a_succeeded_job_packs_progress_and_report():
     report = convert.report_to_proto(_result(False), audit_id="aud-9")
-    operation = convert.operation_of(
+    operation = operation_of(
         _job(SUCCEEDED, report=report.SerializeToString(), attempts=2, created_at=1e9)
     )
     assert operation.name == "operations/aud-9" and operation.done
@@ -181,13 +182,11 @@ def test_operation_of_a_succeeded_job_packs_progress_and_report():
     assert progress.state == service_pb2.SUCCEEDED and progress.attempt == 2
     assert progress.create_time.seconds == 10**9 and not progress.HasField("end_time")
     assert unpacked == report
-    assert not convert.operation_of(_job(SUCCEEDED, report=b""), with_response=False).HasField(
-        "response"
-    )
+    assert not operation_of(_job(SUCCEEDED, report=b""), with_response=False).HasField("response")
 
 
 def test_operation_of_a_failed_job_carries_its_status():
-    operation = convert.operation_of(
+    operation = operation_of(
         _job(FAILED, error_code="INVALID_ARGUMENT", error_message="no such layer")
     )
     assert operation.done and operation.error.code == 3

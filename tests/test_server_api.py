@@ -30,7 +30,7 @@ from cnp_client import (
     ResourceExhausted,
     Unauthenticated,
 )
-from cnp_server import convert
+from cnp_core import convert
 
 
 @pytest.fixture(scope="module")

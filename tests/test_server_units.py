@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import test_server_support as support
 
+from cnp_core import convert
 from cnp_core.errors import DatasetError, InvalidSpec
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
-from cnp_server import convert
 from cnp_server.auth import ensure_token
 from cnp_server.config import ConfigError, ServerConfig, load_config, mask_url
 from cnp_server.engine import check_paths

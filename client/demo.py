@@ -5,7 +5,11 @@ runs ``cnp audit`` with CNP pruning and two gates on the synthetic watermark ben
 shows where the MLflow run, the reports and the pruned model are, and stops the server
 (SIGTERM) whatever happens. A failing gate is the expected outcome: the benchmark's
 model relies on the watermark. Flags this module does not know go to ``cnp audit``,
-e.g. ``python -m cnp_server.demo --method cav --bootstrap 50``.
+e.g. ``python -m cnp_client.demo --method cav --bootstrap 50``.
+
+It needs the server extra (``pip install 'cnp-audit[server]'``: the ``cnp-server``
+command, the benchmark generator, MLflow); those are imported inside the functions that
+use them, so the client package itself stays torch-free.
 """
 
 from __future__ import annotations
@@ -14,17 +18,18 @@ import argparse
 import hashlib
 import json
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnp_client.gates import as_number, evaluate, metric_value, parse_rules
-
-from .config import ServerConfig
+from .client import AuditClient
+from .gates import as_number, evaluate, metric_value, parse_rules
 
 GATES = ("max_ap_attribute<=0.8", "worst_group_accuracy>=0.7")
 PRUNE_RATE = 0.1
@@ -37,10 +42,38 @@ def shown(path: Path | str) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-def tool(name: str, module: str) -> list[str]:
-    """The console script installed beside this interpreter, else ``python -m module``."""
+def tool(name: str, module: str | None = None) -> list[str]:
+    """The console script installed beside this interpreter; else ``python -m module``
+    when one is given, else the script on PATH."""
     script = Path(sys.executable).parent / name
-    return [str(script)] if script.is_file() else [sys.executable, "-m", module]
+    if script.is_file():
+        return [str(script)]
+    if module:
+        return [sys.executable, "-m", module]
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed (pip install 'cnp-audit[server]')")
+    return [found]
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """Where ``cnp-server --data-dir DIR`` keeps its files: the server's defaults for a
+    data directory, which the demo does not override."""
+
+    data_dir: Path
+
+    @property
+    def token(self) -> Path:
+        return self.data_dir / "token"
+
+    @property
+    def log(self) -> Path:
+        return self.data_dir / "server.log"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.data_dir / 'mlflow.db'}"
 
 
 def audit_args(
@@ -109,7 +142,7 @@ def explain(report: dict[str, Any], gates: Sequence[str]) -> str:
 def start_server(data_dir: Path, allow_root: Path) -> tuple[subprocess.Popen, str]:
     """``cnp-server`` on a free loopback port, in its own session (Ctrl-C is ours to handle)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    command = tool("cnp-server", "cnp_server.main") + [
+    command = tool("cnp-server") + [
         "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--allow-root", str(allow_root),
     ]  # fmt: skip
     with (data_dir / "server.log").open("a") as log:
@@ -170,18 +203,16 @@ def run_cli(argv: list[str]) -> int:
             return cli.wait()
 
 
-def mlflow_run(config: ServerConfig, token: Path, address: str, audit_id: str) -> Any | None:
+def mlflow_run(files: ServerFiles, address: str, audit_id: str) -> Any | None:
     """The job's MLflow run once the server has finished logging it (None after a minute)."""
     from mlflow.tracking import MlflowClient
 
-    from cnp_client.client import AuditClient
-
     deadline = time.monotonic() + 60
-    with AuditClient(address, token_file=token) as client:
+    with AuditClient(address, token_file=files.token) as client:
         while time.monotonic() < deadline:
             run_id = client.get(audit_id).mlflow_run_id  # set once the run exists in the store
             if run_id:
-                run = MlflowClient(config.effective_tracking_uri).get_run(run_id)
+                run = MlflowClient(files.tracking_uri).get_run(run_id)
                 if run.info.status != "RUNNING":
                     return run
             time.sleep(0.5)
@@ -211,16 +242,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"      {bench.architecture} on {shown(bench.dataset)}: test accuracy "
           f"{test.get('overall', 0):.2f}, worst group {test.get('worst', 0):.2f}")  # fmt: skip
     print("[2/4] Starting cnp-server on loopback", flush=True)
-    config = ServerConfig(data_dir=str(args.data_dir))
+    files = ServerFiles(args.data_dir.expanduser().resolve())
     try:
-        server, address = start_server(config.data_path, bench.dataset.parent)
+        server, address = start_server(files.data_dir, bench.dataset.parent)
     except RuntimeError as err:  # e.g. another demo holds the data directory: see its log
         print(f"demo: {err}", file=sys.stderr)
         return 3
     try:
-        print(f"      pid {server.pid} SERVING on {address}; data in {shown(config.data_path)}, "
-              f"log {shown(config.data_path / 'server.log')}")  # fmt: skip
-        cli_args = audit_args(bench, address, config.effective_token_file, args.out, args)
+        print(f"      pid {server.pid} SERVING on {address}; data in {shown(files.data_dir)}, "
+              f"log {shown(files.log)}")  # fmt: skip
+        cli_args = audit_args(bench, address, files.token, args.out, args)
         print(f"[3/4] Auditing and pruning through the CLI:\n  $ cnp {command_lines(cli_args)}")
         sys.stdout.flush()
         code = run_cli(cli_args)
@@ -229,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         report = json.loads((args.out / "report.json").read_text())
         print(f"\n[4/4] {explain(report, args.gate or GATES)}")
-        where(config, address, report, args.out)
+        where(files, address, report, args.out)
         return 0
     except KeyboardInterrupt:
         print("\ndemo: interrupted", file=sys.stderr)
@@ -240,14 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stopped (exit {code}). Demo took {time.monotonic() - started:.0f} s.")
 
 
-def where(config: ServerConfig, address: str, report: dict[str, Any], out: Path) -> None:
+def where(files: ServerFiles, address: str, report: dict[str, Any], out: Path) -> None:
     """Print where the MLflow run (and how to open it), the reports and the model are."""
-    token = config.effective_token_file
-    run = mlflow_run(config, token, address, report["audit_id"])
+    run = mlflow_run(files, address, report["audit_id"])
     if run is None:
-        print(f"MLflow: the run is not recorded yet; see {shown(config.data_path / 'server.log')}")
+        print(f"MLflow: the run is not recorded yet; see {shown(files.log)}")
     else:
-        uri, ui = config.effective_tracking_uri, Path(sys.executable).parent / "mlflow"
+        uri, ui = files.tracking_uri, Path(sys.executable).parent / "mlflow"
         print(f"MLflow run {run.info.run_id} (name {run.info.run_name}) in {uri}")
         print(f"  open it:  {shown(ui) if ui.is_file() else 'mlflow'} ui --backend-store-uri {uri}")
         print(f"  then:     http://127.0.0.1:5000/#/experiments/"
