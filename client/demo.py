@@ -230,8 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--method", help="concept method (default: the spec's, DRSA)")
     parser.add_argument("--gate", action="append", help=f"gate rules (default: {' '.join(GATES)})")
     args, args.extra = parser.parse_known_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)  # closing the terminal must stop the server too
+    # Ctrl-C, SIGTERM and closing the terminal all stop the server; SIGINT explicitly too,
+    # since a shell starts background jobs with it ignored and Python then keeps it so.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     started = time.monotonic()
     print("[1/4] The watermark benchmark (generated and trained once, then cached)", flush=True)
     from cnp_core.synthetic import ensure_benchmark

@@ -1,10 +1,12 @@
 """The seed's comparison on the synthetic watermark benchmark: unpruned vs vanilla LRP
 pruning vs CNP, over pruning rates and seeds (ALGORITHMS.md section 4, evaluation).
 
-For every seed: learn the concept projection at the audited layer (DRSA on positive-class
-training images explaining that class, the watermark subspace flagged on the validation
-split; or a CAV probe), then prune the same model at every rate with both methods (same
-seeded reference set, same schedule), and evaluate on the group-balanced test split.
+Every step is the service's own: for every seed, the concept is learned and flagged by
+:func:`cnp_core.concepts.learn_concepts` from an audit spec (DRSA on positive-class
+training images explaining that class, K and the subspace chosen on the validation
+split; or a CAV probe), then the same model is pruned at every rate with both methods by
+:func:`cnp_core.debias.debias` (same seeded reference set, same schedule) and evaluated
+on the group-balanced test split.
 Writes ``rows.csv`` (one row per run), ``summary.csv`` and ``summary.md`` (mean ± std over
 seeds, with the best matched rate) and the seed's two plots: balanced accuracy and the
 "other class + attribute" group's accuracy vs pruning rate.
@@ -72,7 +74,7 @@ class ExperimentConfig:
     benchmark_seed: int = 0
     image_size: int = 64
     correlation: float = 0.95
-    present: str = "1"  # the attribute value whose subspace is removed
+    present: str = "1"  # the attribute's present value: its groups are the ones reported
     batch_size: int = 32
     min_group_size: int = 10
     device: str = "cpu"

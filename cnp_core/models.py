@@ -1,9 +1,10 @@
 """Models, loaded safely: the model a spec's ``ModelRef`` names, with its weights.
 
-A torchvision architecture from :data:`~cnp_core.architectures.ARCHITECTURES` (built with ``weights=None``, never
-downloaded) or an importable factory ``package.module:function``, plus a weights file:
-``.safetensors``, or a state_dict read with ``torch.load(weights_only=True)`` and no
-fallback, so a pickle that would run code is refused (:class:`UnsafeFile`), never executed.
+A torchvision architecture named in :mod:`cnp_core.architectures` (built with
+``weights=None``, never downloaded) or an importable factory ``package.module:function``,
+plus a weights file: ``.safetensors``, or a state_dict read with
+``torch.load(weights_only=True)`` and no fallback, so a pickle that would run code is
+refused (:class:`UnsafeFile`), never executed.
 
 Error messages are shown to users: they name paths as the user gave them, never the
 server's absolute paths.

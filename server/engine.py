@@ -106,10 +106,11 @@ def run_audit(
 def capabilities() -> dict[str, Any]:
     """Architectures, weight formats, methods and composites the engine supports."""
     from cnp_core import models
+    from cnp_core.architectures import ARCHITECTURES
     from cnp_core.lrp import composite_names
 
     return {
-        "architectures": list(models.ARCHITECTURES),
+        "architectures": list(ARCHITECTURES),
         "weight_formats": [*models.SAFETENSORS_SUFFIXES, *models.PICKLE_SUFFIXES],
         "concept_methods": list(CONCEPT_METHODS),
         "scores": list(SCORES),

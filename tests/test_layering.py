@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import subprocess
 import sys
 import tomllib
@@ -276,3 +277,18 @@ def test_the_torch_blocker_blocks():
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert result.returncode != 0 and "torch is blocked" in result.stderr
+
+
+# --- the architecture picture ------------------------------------------------------------
+
+
+def test_the_readme_diagram_shows_every_library_module_and_only_real_ones():
+    """The README's architecture diagram is kept next to the code: a module added to or
+    removed from cnp_core without updating the picture fails here."""
+    readme = (REPO / "README.md").read_text()
+    diagram = readme.split("```mermaid", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"cnp_(?:core|server|client)(?:\.\w+)+", diagram))
+    known = set(modules())
+    assert named <= known, f"the diagram names modules that do not exist: {named - known}"
+    library = {m for m in known if m.startswith("cnp_core.")} - {"cnp_core.pruning"}
+    assert library <= named, f"modules missing from the README diagram: {library - named}"

@@ -16,10 +16,10 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from cnp_core.architectures import ARCHITECTURES
 from cnp_core.data import ImageDataset, load_dataset, make_loader, validate_images
 from cnp_core.errors import DatasetError, LayerError, ModelError, UnsafeFile, WeightsMismatch
 from cnp_core.models import (
-    ARCHITECTURES,
     get_layer,
     layer_names,
     load_model,

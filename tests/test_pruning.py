@@ -691,6 +691,9 @@ def test_experiment_end_to_end_with_cav_and_relearning():
         finetune_epochs=1,
         layer="layer1",
         image_size=32,
+        # The runner's mechanics, not the audit's verdict: a 32 px CAV at layer1 predicts
+        # the watermark with AP 0.76 to 0.87 depending on the machine's trained model.
+        flag_threshold=0.5,
     )
     bench, model, table, splits = load_benchmark(config)
     rows = run_seed(bench, model, table, splits, config, 0, log=lambda m: None)

@@ -18,8 +18,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import dense_convs, hidden_linears
 
-# --- coupled channels
-
 
 @dataclass
 class ChannelGroup:

@@ -24,9 +24,6 @@ from ..errors import InvalidSpec, LayerError
 PROJECTION_EPSILON = 1e-6
 
 
-# --- the projection
-
-
 @dataclass
 class Projection:
     """P = I - sum_{k in flagged} U_k U_k^T, applied to the output of ``layer`` (d x d).

@@ -162,12 +162,4 @@ class LRPCriterion:
     def __call__(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        return filter_scores(
-            model,
-            images,
-            targets,
-            composite=self.composite,
-            projection=self.projection,
-            batch_size=self.batch_size,
-            device=self.device,
-        )
+        return filter_scores(model, images, targets, **vars(self))

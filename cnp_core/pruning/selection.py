@@ -18,8 +18,6 @@ import torch
 from ..errors import InvalidSpec, LayerError
 from .groups import ChannelGroup
 
-# --- selection
-
 
 @dataclass
 class Selection:
