@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .metrics import average_precision
-from .results import AttributeAudit, SubspaceScore
+from .results import AP_COLUMNS, AttributeAudit, SubspaceScore
 
 
 def subspace_relevance(
@@ -173,25 +173,17 @@ def audit_attribute(
 
 def format_table(audit: AttributeAudit) -> str:
     """A plain-text rendering of one audit table (base rates in parentheses)."""
-    columns = [
-        ("AP_A", "ap_attribute"),
-        ("AP_A+", "ap_attribute_pos"),
-        ("AP_A-", "ap_attribute_neg"),
-        ("AP_cls", "ap_class"),
-        ("AP_cls|A", "ap_class_attr"),
-        ("AP_cls|~A", "ap_class_no_attr"),
-    ]
     title = (
         f"{audit.attribute}={audit.value} at {audit.layer}, K={audit.n_subspaces}; "
         f"flagged: {'S' + str(audit.flagged_subspace + 1) if audit.flagged_subspace >= 0 else 'none'}"
     )
-    header = f"{'':4}{'mean R':>9}" + "".join(f"{name:>15}" for name, _ in columns)
+    header = f"{'':4}{'mean R':>9}" + "".join(f"{short:>15}" for _, _, short in AP_COLUMNS)
     lines = [title, header]
     for row in audit.subspaces:
         mark = "*" if row.index == audit.flagged_subspace else " "
         cells = "".join(
             f"{getattr(row, field).value:>8.3f} ({getattr(row, field).base_rate:.2f})"
-            for _, field in columns
+            for field, _, _ in AP_COLUMNS
         )
         lines.append(f"S{row.index + 1}{mark} {row.mean_relevance:>9.3g}{cells}")
     return "\n".join(lines)

@@ -208,21 +208,29 @@ def _evaluate(bench) -> dict:
     return result
 
 
+# The bounds hold over a population, not one lucky model: seeds 0-4 of the 32 px
+# benchmark, trained on a 2-core Xeon (the kind CI runs on), gave for the shortcut models
+# (rho 0.95) clean accuracy 0.85-0.94, worst group ("other class + watermark") 0.40-0.58,
+# "positive class + watermark" 1.00, clean minus worst 0.29-0.53; for the models trained
+# without the correlation (rho 0.5) clean accuracy 0.86-0.95, worst group at most 0.12
+# below clean, and "other class + watermark" 0.27-0.43 above the shortcut model's of the
+# same seed. Another machine's seed 0 gave clean 0.908 and worst 0.433.
+
+
 @pytest.mark.slow
 def test_a_model_trained_with_the_shortcut_relies_on_the_watermark():
     result = _evaluate(ensure_benchmark())  # default cache: trained once, then reused
     groups = result["groups"]
-    # measured 0.908 here (0.925 for seeds 1 and 2); slack for other CPUs' float kernels
-    assert result["clean"] >= 0.88
-    assert groups[(0, "1")] == result["worst"] <= 0.6  # "other class + watermark": 0.433
+    assert result["clean"] >= 0.80
+    assert groups[(0, "1")] == result["worst"] <= 0.65  # "other class + watermark"
     assert groups[(1, "1")] >= 0.95  # the watermark helps its own class
-    assert result["clean"] - result["worst"] >= 0.3
+    assert result["clean"] - result["worst"] >= 0.25
 
 
 @pytest.mark.slow
 def test_a_model_trained_without_correlation_ignores_the_watermark():
     result = _evaluate(ensure_benchmark(correlation=0.5))
-    assert result["clean"] >= 0.85
+    assert result["clean"] >= 0.80
     assert result["worst"] >= result["clean"] - 0.15  # groups of 60: +-0.05 noise each
     reliant = _evaluate(ensure_benchmark())
-    assert result["groups"][(0, "1")] >= reliant["groups"][(0, "1")] + 0.25
+    assert result["groups"][(0, "1")] >= reliant["groups"][(0, "1")] + 0.2
