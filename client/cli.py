@@ -274,6 +274,13 @@ SPEC_FLAGS: tuple[SpecFlag, ...] = (
     ),
     _flag("--relearn-subspaces", "prune.relearn_subspaces", action="store_true", default=None),
     _flag(
+        "--keep-projection",
+        "prune.keep_projection",
+        action="store_true",
+        default=None,
+        help="CNP: fold the projection into the returned model",
+    ),
+    _flag(
         "--prune-composite",
         "prune.composite",
         metavar="NAME",

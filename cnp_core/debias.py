@@ -70,7 +70,6 @@ def debias(
     spec: AuditSpec,
     projection: Projection | None,
     *,
-    keep_projection: bool = False,
     progress: StepCallback | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> PruneOutcome:
@@ -94,7 +93,7 @@ def debias(
         train_loader=train_loader,
         projection=projection,
         relearn=relearn,
-        keep_projection=keep_projection,
+        keep_projection=spec.prune.keep_projection,
         layer=projection.layer if projection is not None else spec.layers[0],
         batch_size=spec.batch_size,
         device=spec.device,

@@ -291,11 +291,10 @@ def run_seed(
                 relearn_subspaces=config.relearn,
                 scope=config.scope,
                 composite=config.composite,
+                keep_projection=config.keep_projection,
             )
             began = time.perf_counter()
-            out = debias(
-                model, table, splits, spec, fit.projection, keep_projection=config.keep_projection
-            )
+            out = debias(model, table, splits, spec, fit.projection)
             seconds = round(time.perf_counter() - began, 2)
             row = _row(
                 seed,

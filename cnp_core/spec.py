@@ -59,6 +59,9 @@ class PruneSpec:
     # projection changes no score below it, so there both methods would prune alike.
     scope: str = "all"
     composite: str = "epsilon_plus_flat"  # LRP rules of the filter scores
+    # CNP: fold P = I - U_s U_s^T into the layers that read the audited layer (exact), so
+    # the returned model itself no longer carries the removed subspace.
+    keep_projection: bool = False
 
     def validate(self, attributes: list[str]) -> None:
         if self.method not in PRUNE_METHODS:

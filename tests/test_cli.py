@@ -67,11 +67,17 @@ def test_flags_for_image_cap_reference_set_and_pruning_rules():
     spec = parse_spec(
         "--max-pixels", "1000000", "--prune", "cnp", "--reference-per-class", "8",
         "--prune-composite", "epsilon", "--learning-rate", "0.01", "--relearn-subspaces",
+        "--keep-projection",
     )  # fmt: skip
     assert spec.validate() is spec and spec.dataset.max_pixels == 1_000_000
     prune = spec.prune
     assert (prune.reference_per_class, prune.composite) == (8, "epsilon")
-    assert (prune.learning_rate, prune.relearn_subspaces) == (0.01, True)
+    assert (prune.learning_rate, prune.relearn_subspaces, prune.keep_projection) == (
+        0.01,
+        True,
+        True,
+    )
+    assert parse_spec("--prune", "cnp").prune.keep_projection is False
     assert spec.composite == AuditSpec().composite  # the audit's rules stay apart
 
 

@@ -719,7 +719,7 @@ def test_prune_stage_of_the_pipeline(tmp_path):
         drsa_max_epochs=100,
         bootstrap=0,
         heatmap_samples=0,
-        prune=PruneSpec(method="cnp", rate=0.2, reference_per_class=8),
+        prune=PruneSpec(method="cnp", rate=0.2, reference_per_class=8, keep_projection=True),
     )
     result = pipeline.run_audit(spec, workdir=tmp_path)
     assert result.pruning.method == "cnp" and result.pruning.filters_removed > 0
