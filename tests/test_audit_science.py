@@ -15,9 +15,12 @@ pytestmark = pytest.mark.slow
 
 # Plain-gradient contexts, as in ALGORITHMS.md section 3's measurements: a subspace's
 # relevance is then the first-order change of the logit when the subspace is removed.
-# Measured on this machine (seed 1): K = 8 chosen on validation; test AP_watermark 0.981
-# with AP_class 0.527; another subspace carries the class with AP_class 0.915. Without
-# the correlation (K = 4 chosen) the best AP_watermark is 0.545 and nothing is flagged.
+# Measured with these settings over training seeds 0-4 on a 2-core Xeon (python -m
+# bench.verdicts --set ... --name=-demo; README "Verdict reliability"): 4 of 5 shortcut
+# models flagged, with test AP_watermark 0.91-0.97 and AP_class 0.59-0.69, while another
+# subspace carried the class at AP_class 0.87-0.97 (at least 0.18 above); the fifth
+# (seed 2) was missed at AP 0.76. Another machine's seed 0 gave 0.981 / 0.527 / 0.915.
+# Models trained without the correlation: best AP_watermark 0.53-0.59, none flagged.
 AUDIT = {
     "layers": ["layer3"],
     "n_subspaces": [4, 8],
@@ -44,10 +47,11 @@ def test_a_subspace_isolates_the_planted_watermark_and_another_carries_the_class
     assert audit.flagged_subspace >= 0, "the watermark subspace must be flagged"
     flagged = audit.subspaces[audit.flagged_subspace]
     assert flagged.ap_attribute.value >= 0.9
-    # It isolates the watermark: it says little about the class.
-    assert abs(flagged.ap_class.value - flagged.ap_class.base_rate) <= 0.1
+    # It isolates the watermark: it says little about the class, another subspace says much.
     others = [s for s in audit.subspaces if s.index != audit.flagged_subspace]
-    assert max(s.ap_class.value for s in others) >= 0.9
+    class_ap = max(s.ap_class.value for s in others)
+    assert flagged.ap_class.value <= flagged.ap_class.base_rate + 0.25
+    assert class_ap >= 0.85 and class_ap - flagged.ap_class.value >= 0.15
 
 
 def test_no_false_alarm_on_a_model_trained_without_the_correlation(tmp_path):
