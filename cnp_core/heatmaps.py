@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from .concepts import ConceptAudit  # noqa: E402
 from .data import ImageDataset, ImageTable, SplitRows  # noqa: E402
 from .lrp import Explainer  # noqa: E402
+from .paths import file_stem  # noqa: E402
 from .spec import AuditSpec  # noqa: E402
 
 
@@ -100,7 +101,8 @@ def audit_heatmaps(
             maps = subspace_heatmaps(explainer, images, spec.positive_class, audit.layer, basis)
             shown = (images * std + mean).permute(0, 2, 3, 1).numpy()
             captions = [f"class {table.labels[i]}" for i in chosen]
-            name = f"heatmaps/{audit.attribute}={audit.value}_{audit.layer}.png"
+            # Attribute values come from labels.csv: they name the file only through file_stem.
+            name = f"heatmaps/{file_stem(audit.attribute + '=' + audit.value, audit.layer)}.png"
             save_heatmap_grid(shown, maps, directory / name, captions)
             artifacts[f"heatmap:{audit.attribute}={audit.value}:{audit.layer}"] = str(
                 directory / name

@@ -6,6 +6,7 @@ Error messages name paths as the user gave them, never the server's absolute pat
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,3 +54,12 @@ def file_sha256(path: PathLike) -> str:
     """Hex SHA-256 of a file, read in chunks (weights files can be gigabytes)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_stem(*names: str) -> str:
+    """A file name made from names a dataset or request gave (attribute values, layers):
+    safe characters only, so never a path (no separator, no ``..``), and a digest of the
+    names so that distinct names never share a file."""
+    text = "_".join(names)
+    safe = re.sub(r"[^A-Za-z0-9_=-]+", "-", text).strip("-")[:80]
+    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"

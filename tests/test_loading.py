@@ -26,7 +26,7 @@ from cnp_core.models import (
     read_state_dict,
     save_weights,
 )
-from cnp_core.paths import file_sha256
+from cnp_core.paths import file_sha256, file_stem
 from cnp_core.spec import DatasetRef, ModelRef
 
 torch.set_num_threads(1)
@@ -558,3 +558,17 @@ def test_truncated_and_non_images(data):
     (data / "img/a0.png").unlink()
     with pytest.raises(DatasetError, match="image 'img/a0.png' does not exist"):
         ImageDataset(table, [0], ref)[0]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("../../etc/passwd",), ("/abs/x", "layer3"), ("..", ".."), ("a/b=c", "layer2.0"), ("",)],
+)
+def test_file_stems_from_dataset_names_are_never_paths(names):
+    stem = file_stem(*names)
+    assert "/" not in stem and "\\" not in stem and ".." not in stem and stem.strip("-")
+    assert (Path("/work") / f"{stem}.png").parent == Path("/work")
+
+
+def test_distinct_names_never_share_a_file_stem():
+    assert file_stem("a/b") != file_stem("a-b") != file_stem("a b")
