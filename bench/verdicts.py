@@ -47,8 +47,9 @@ def _setting(text: str) -> tuple[str, Any]:
             f"expected FIELD=VALUE of an AuditSpec field, got {text!r}"
         )
     default = getattr(AuditSpec(), key)
-    if isinstance(default, list):
-        return key, [int(v) for v in value.split(",")]
+    if isinstance(default, list):  # n_subspaces (numbers) or layers (names)
+        items = value.split(",")
+        return key, [int(v) for v in items] if all(v.isdigit() for v in items) else items
     if isinstance(default, bool):
         return key, value.lower() in ("1", "true", "yes")
     return key, type(default)(value)

@@ -20,7 +20,7 @@ from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
 
 # bench/ is a top-level folder of the repository, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import audits, common, run_all  # noqa: E402
+from bench import audits, common, run_all, verdicts  # noqa: E402
 
 
 def test_checks_compare_against_their_target():
@@ -132,3 +132,16 @@ def test_scaled_dataset_repeats_every_row_with_noisy_copies(tmp_path):
             assert np.abs(pixels - original).max() <= audits.NOISE_LEVELS
         first_copy = np.asarray(Image.open(root / table.paths[copies[1]]), dtype=int)
         assert (first_copy != original).any(), n
+
+
+def test_verdict_settings_parse_as_the_spec_fields_they_name():
+    assert verdicts._setting("n_subspaces=4,8,16") == ("n_subspaces", [4, 8, 16])
+    assert verdicts._setting("layers=layer2,layer3") == ("layers", ["layer2", "layer3"])
+    assert verdicts._setting("drsa_restarts=1") == ("drsa_restarts", 1)
+    assert verdicts._setting("flag_threshold=0.85") == ("flag_threshold", 0.85)
+    assert verdicts._setting("composite=gradient") == ("composite", "gradient")
+    spec = AuditSpec(**dict([verdicts._setting("n_subspaces=4,8")]))
+    assert spec.n_subspaces == [4, 8]
+    for bad in ("unknown=1", "n_subspaces=", "seed"):
+        with pytest.raises(Exception, match="FIELD=VALUE"):
+            verdicts._setting(bad)
