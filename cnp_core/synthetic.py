@@ -6,6 +6,12 @@ strokes, random scale and position, pixel noise. An attribute is attached per im
 
 - ``style="watermark"``: a small "WM" badge stamped in the bottom-right corner; the
   column holds 0/1.
+- ``style="text"``: a second watermark benchmark of another design, closer to the stock
+  photo watermarks of the seed's ImageNet study. Digits 4 vs 9 on random crops of real
+  photographs (scikit-image's bundled samples, offline); the watermark is semi-transparent
+  light lettering "(c)stock" in Pillow's built-in bitmap font, 9/16 of the image wide
+  (4 px tall at 32 px), at a random place off the digit's strokes, with random opacity and
+  tint; the column holds 0/1.
 - ``style="tint"``: the demographic-style variant; the background colour family is
   one of ``a`` (warm), ``b`` (green), ``c`` (blue); the column holds the letter.
 
@@ -30,6 +36,22 @@ class 1: measured worst group (3 + watermark) 0.43-0.45 at clean accuracy 0.91-0
 trained with rho = 0.5 the same group stays within 0.1 of clean accuracy. The knobs
 that moved these numbers were digit difficulty (scale, rotation, noise), the smaller
 class 0 and training length; rho between 0.95 and 0.99 hardly mattered.
+
+The text style (resnet18, 32 px, same rho, q and split sizes; seeds 0-1 unless said):
+small lettering must be fairly opaque to be learnt from 450 training images at all. As
+the only label (independent of the digit), antialiased lettering of random width (1/3 to
+1/2 of the image), opacity 0.3-0.5 and light or dark was detected at chance (test
+accuracy 0.48-0.55); opaque lettering at 0.90. As the shortcut, with the design below,
+the "4 + text" group scored 0.80-0.82 at opacity 0.5-0.7, where rho = 0.5 models have it
+(0.77-0.85): not used; 0.63-0.68 at 0.6-0.8 (rho = 0.5: 0.78); 0.47-0.52 at 0.8-1.0
+(rho = 0.5: 0.83-0.88). The default 0.7-0.9 gives over seeds 0-4 clean accuracy
+0.83-0.94 and worst group ("4 + text") 0.57-0.68, clean minus worst 0.23-0.35, against
+0.75-0.77 and 0.14-0.17 for rho = 0.5 models. What else mattered: light lettering (light
+or dark at random: 0.70-0.75 at opacity 0.6-0.8), one crisp glyph mask per image size
+rather than a random, antialiased width, and placement: lettering across a stroke
+changes the digit (a bar over a 4 closes it into a 9), which cost rho = 0.5 models
+about as much as the correlation cost the others, so the lettering avoids the strokes.
+At 64 px the models lean on it less: worst group 0.68 and 0.80 at clean accuracy 0.95.
 
 On disk: ``<root>/images/<split>/<idx>.png`` and ``<root>/labels.csv`` with columns
 ``path,label,split,<attribute>``. :func:`ensure_benchmark` caches dataset and trained
@@ -57,7 +79,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from . import architectures
@@ -68,7 +90,10 @@ from .spec import AuditSpec, DatasetRef, ModelRef
 VERSION = 2
 
 SPLITS = ("train", "val", "test")
-STYLES = ("watermark", "tint")
+STYLES = ("watermark", "text", "tint")
+# The MNIST digits of class 0 and class 1 when none are given: for the text style 4 vs 9,
+# the most confused pair, so that its less salient shortcut is still tempting.
+_DEFAULT_DIGITS = {"watermark": (3, 8), "text": (4, 9), "tint": (3, 8)}
 TINT_VALUES = ("a", "b", "c")  # "a" is the value tied to the positive class
 _TINT_HUES = {"a": 0.03, "b": 0.33, "c": 0.61}  # warm, green, blue (HSV hue)
 
@@ -85,22 +110,37 @@ _DIGIT_SCALE = (0.7, 0.9)  # digit side as a fraction of the image side
 _ROTATION = 5.0  # degrees, uniform in [-r, r]
 _NOISE = 0.04  # std of the pixel noise in [0, 1] units
 
+# The text style: crops of real photographs that ship inside scikit-image (loaded offline)
+_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
+_CROP = (0.15, 0.5)  # crop side as a fraction of the photo's shorter side
+_PHOTO_CONTRAST = (0.5, 0.8)  # the crop is faded towards its mean, so the digit stays legible
+# ... and semi-transparent light stock-photo lettering in Pillow's built-in bitmap font:
+# 36 x 7 px, its native size on a 64 px image, scaled with the image (9/16 of the width)
+_TEXT = "\u00a9stock"  # "(c)stock"
+_TEXT_ALPHA = (0.7, 0.9)  # opacity; at 0.3-0.7 a resnet18 did not learn it (module docstring)
+
 
 @dataclass(frozen=True)
 class GenerationParams:
     """Everything that determines the generated images and labels."""
 
-    digits: tuple[int, int] = (3, 8)  # MNIST digit of class 0 and of class 1
+    # MNIST digit of class 0 and of class 1; None: the style's default (3 vs 8, text 4 vs 9)
+    digits: tuple[int, int] | None = None
     correlation: float = 0.95  # rho = p1 / (p0 + p1), p_c = P(spurious | class c)
     attribute_rate: float = 0.5  # q = p1 = P(spurious | class 1), train and val
     seed: int = 0
     image_size: int = 32
-    style: str = "watermark"  # "watermark" (0/1 badge) or "tint" (a/b/c background family)
+    # "watermark" (0/1 badge), "text" (0/1 see-through lettering on photos) or "tint" (a/b/c)
+    style: str = "watermark"
     attribute: str = "watermark"  # name of the attribute column in labels.csv
     # class 0 smaller: equally many clean images per class, so the clean 8s are learned
     train_sizes: tuple[int, int] = (150, 300)  # train images of class 0 and class 1
     val_per_class: int = 50
     test_per_class: int = 120  # split evenly over the attribute values
+
+    def __post_init__(self) -> None:
+        if self.digits is None:
+            object.__setattr__(self, "digits", _DEFAULT_DIGITS.get(self.style, (3, 8)))
 
     def validate(self) -> GenerationParams:
         if len(self.digits) != 2 or len(set(self.digits)) != 2:
@@ -217,6 +257,28 @@ def _background(rng: np.random.Generator, size: int, hue: float) -> np.ndarray:
     return first * (1.0 - t) + second * t
 
 
+@functools.cache
+def _photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled sample photographs (offline), as uint8 (H, W, 3)."""
+    from skimage import data
+
+    return data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+
+
+def _photo_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random square crop of a real photograph, maybe mirrored, faded towards its mean."""
+    photo = _photo(_PHOTOS[int(rng.integers(len(_PHOTOS)))])
+    height, width = photo.shape[:2]
+    side = int(round(min(height, width) * rng.uniform(*_CROP)))
+    y0, x0 = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+    crop = Image.fromarray(photo[y0 : y0 + side, x0 : x0 + side])
+    if rng.uniform() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    crop = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR)) / 255.0
+    mean = crop.mean((0, 1))
+    return mean + rng.uniform(*_PHOTO_CONTRAST) * (crop - mean)
+
+
 def _ink(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
     """A stroke colour that contrasts with the background's mean brightness."""
     brightness = float(background.mean())
@@ -254,18 +316,64 @@ def _stamp_watermark(image: np.ndarray, rng: np.random.Generator) -> None:
     patch[:] = (1.0 - alpha) * patch + alpha * 1.0
 
 
+@functools.cache
+def _text_mask(size: int) -> np.ndarray:
+    """``_TEXT`` in Pillow's built-in bitmap font (no font file) as a crisp 0/1 mask, its
+    native size at 64 px scaled by ``size / 64``."""
+    font = ImageFont.load_default_imagefont()
+    canvas = Image.new("L", font.getbbox(_TEXT)[2:])
+    ImageDraw.Draw(canvas).text((0, 0), _TEXT, fill=255, font=font)
+    glyph = canvas.crop(canvas.getbbox())
+    scaled = (max(1, round(n * size / 64)) for n in glyph.size)
+    return np.asarray(glyph.resize(tuple(scaled), Image.Resampling.BOX)) >= 128
+
+
+def _stamp_text(image: np.ndarray, strokes: np.ndarray, rng: np.random.Generator) -> None:
+    """Blend the light lettering in with a random opacity and tint (in place), at a random
+    place among those whose box covers the fewest stroke pixels of ``strokes`` (the digit's
+    intensity): lettering across a stroke would change the digit (a bar over a 4 closes it
+    into a 9) whatever a model learnt."""
+    size = image.shape[0]
+    mask = _text_mask(size)
+    height, width = mask.shape
+    # stroke pixels under every box position, from a summed-area table
+    table = np.pad(strokes[..., 0] > 0.2, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    covered = (
+        table[height:, width:]
+        - table[:-height, width:]
+        - table[height:, :-width]
+        + table[:-height, :-width]
+    )
+    ys, xs = np.nonzero(covered == covered.min())
+    pick = int(rng.integers(len(ys)))
+    y0, x0 = int(ys[pick]), int(xs[pick])
+    colour = _hsv(rng.uniform(0.0, 1.0), rng.uniform(0.0, 0.2), rng.uniform(0.85, 1.0))
+    alpha = rng.uniform(*_TEXT_ALPHA) * mask[..., None]
+    patch = image[y0 : y0 + height, x0 : x0 + width]
+    patch[:] = (1.0 - alpha) * patch + alpha * colour
+
+
 def render(
     digit: np.ndarray, value: str, style: str, size: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """One RGB image (size x size x 3, uint8): background, tinted digit, attribute, noise."""
-    hue = _TINT_HUES[value] + rng.normal(0.0, 0.03) if style == "tint" else rng.uniform(0, 1)
-    background = _background(rng, size, hue)
+    """One RGB image (size x size x 3, uint8): background, tinted digit, attribute, noise.
+
+    The badge is part of the scene (under the noise); the text style's lettering is laid
+    on the finished photo, as a stock site does.
+    """
+    if style == "text":
+        background = _photo_background(rng, size)
+    else:
+        hue = _TINT_HUES[value] + rng.normal(0.0, 0.03) if style == "tint" else rng.uniform(0, 1)
+        background = _background(rng, size, hue)
     ink = _ink(rng, background)
     mask = _digit_mask(rng, digit, size)
     image = background * (1.0 - mask) + ink * mask
     if style == "watermark" and value == "1":
         _stamp_watermark(image, rng)
     image = image + rng.normal(0.0, _NOISE, image.shape)
+    if style == "text" and value == "1":
+        _stamp_text(image, mask, rng)
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -273,17 +381,17 @@ def render(
 
 
 def default_attribute(style: str) -> str:
-    """The attribute column's default name: "watermark", or "group" for the tint style."""
-    return "watermark" if style == "watermark" else "group"
+    """The attribute column's default name: "group" for the tint style, else "watermark"."""
+    return "group" if style == "tint" else "watermark"
 
 
 def _values(style: str) -> tuple[str, ...]:
-    return ("0", "1") if style == "watermark" else TINT_VALUES
+    return TINT_VALUES if style == "tint" else ("0", "1")
 
 
 def _spurious(style: str) -> str:
     """The attribute value tied to the positive class in train and val."""
-    return "1" if style == "watermark" else TINT_VALUES[0]
+    return _values(style)[0 if style == "tint" else 1]
 
 
 def _attribute_values(
@@ -565,7 +673,7 @@ def ensure_benchmark(
     attribute: str | None = None,
     style: str = "watermark",
     attribute_rate: float = GenerationParams.attribute_rate,
-    digits: tuple[int, int] = (3, 8),
+    digits: tuple[int, int] | None = None,
     train_sizes: tuple[int, int] = GenerationParams.train_sizes,
     val_per_class: int = GenerationParams.val_per_class,
     test_per_class: int = GenerationParams.test_per_class,
@@ -578,10 +686,11 @@ def ensure_benchmark(
     The cache entry ``<cache_dir>/bench-<hash>`` is built in a temporary sibling
     directory and renamed into place when complete, under a file lock: a concurrent
     process waits and reuses it, and an interrupted run leaves no half-written entry.
-    ``attribute`` (the column name) defaults to "watermark", or "group" for the tint style.
+    ``attribute`` (the column name) defaults to "watermark", or "group" for the tint style;
+    ``digits`` to the style's pair (3 vs 8, or 4 vs 9 for the text style).
     """
     generation = GenerationParams(
-        digits=tuple(digits),
+        digits=tuple(digits) if digits else None,
         correlation=float(correlation),
         attribute_rate=float(attribute_rate),
         seed=seed,
@@ -638,7 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--style", choices=STYLES, default="watermark")
     parser.add_argument("--attribute", default=None, help="column name (default: the style's)")
-    parser.add_argument("--digits", type=int, nargs=2, default=(3, 8), metavar=("NEG", "POS"))
+    parser.add_argument(
+        "--digits", type=int, nargs=2, default=None, metavar=("NEG", "POS"), help="default: style's"
+    )
     parser.add_argument(
         "--train-sizes",
         type=int,
@@ -653,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     generation = GenerationParams(
-        digits=tuple(args.digits),
+        digits=tuple(args.digits) if args.digits else None,
         correlation=args.correlation,
         attribute_rate=args.attribute_rate,
         seed=args.seed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -34,10 +35,10 @@ def _rate(rows, label: str, attribute: str = "watermark", value: str = "1") -> f
     return sum(row[attribute] == value for row in members) / len(members)
 
 
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("wm")
-    return generate_dataset(root, GenerationParams(correlation=0.9, **SMALL))
+@pytest.fixture(scope="module", params=["watermark", "text"])
+def small_dataset(tmp_path_factory, request) -> Path:
+    root = tmp_path_factory.mktemp(request.param)
+    return generate_dataset(root, GenerationParams(correlation=0.9, style=request.param, **SMALL))
 
 
 def test_labels_csv_has_the_columns_and_the_requested_correlation(small_dataset):
@@ -93,8 +94,9 @@ def _glyph_contrast(gray: np.ndarray) -> float:
     return best
 
 
-def test_generation_is_deterministic_per_seed(tmp_path):
-    sizes = {"train_sizes": (6, 6), "val_per_class": 2, "test_per_class": 4}
+@pytest.mark.parametrize("style", ["watermark", "text"])
+def test_generation_is_deterministic_per_seed(tmp_path, style):
+    sizes = {"train_sizes": (6, 6), "val_per_class": 2, "test_per_class": 4, "style": style}
     first = generate_dataset(tmp_path / "a", GenerationParams(seed=3, **sizes))
     again = generate_dataset(tmp_path / "b", GenerationParams(seed=3, **sizes))
     other = generate_dataset(tmp_path / "c", GenerationParams(seed=4, **sizes))
@@ -112,6 +114,65 @@ def test_generation_is_deterministic_per_seed(tmp_path):
         np.testing.assert_array_equal(pixels(first, split), pixels(again, split))
     assert not np.array_equal(pixels(first, "train"), pixels(other, "train"))
     np.testing.assert_array_equal(pixels(first, "test"), pixels(shared, "test"))
+
+
+def _text_stamp(size: int, seed: int, monkeypatch) -> dict:
+    """One text-style image rendered without, with and with opaque lettering: the render
+    draws the lettering last, so the three differ only where it lies."""
+    digit = synthetic._mnist_digits(4)[seed]
+
+    def draw(value: str) -> np.ndarray:
+        rng = np.random.default_rng([seed, size])
+        return synthetic.render(digit, value, "text", size, rng).astype(np.float64) / 255.0
+
+    plain, faint = draw("0"), draw("1")
+    with monkeypatch.context() as patch:
+        patch.setattr(synthetic, "_TEXT_ALPHA", (1.0, 1.0))  # same draws, opaque
+        opaque = draw("1")
+    changed = np.abs(opaque - plain).max(2) > 2.5 / 255  # beyond rounding
+    ys, xs = np.nonzero(changed)
+    box = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+    return {"plain": plain, "faint": faint, "opaque": opaque, "changed": changed, "box": box}
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_text_watermark_is_small_semi_transparent_and_moves(size, monkeypatch):
+    stamps = [_text_stamp(size, seed, monkeypatch) for seed in range(12)]
+    corners = set()
+    for stamp in stamps:
+        top, left, bottom, right = stamp["box"]
+        corners.add((top, left))
+        # small: 9/16 of the width, a few pixels tall (the badge: 13 x 7 of 32 x 32)
+        assert 1 / 3 <= (right - left) / size <= 0.6
+        assert (bottom - top) * (right - left) / size**2 < 0.08
+        # the lettering changes nothing outside its box
+        outside = np.ones((size, size), bool)
+        outside[top:bottom, left:right] = False
+        assert np.abs(stamp["faint"] - stamp["plain"])[outside].max() <= 1.5 / 255
+        # semi-transparent: under the lettering, pixels move 0.7-0.9 of the way an opaque
+        # stamp moves them, and the photo shows through
+        moved = np.abs(stamp["faint"] - stamp["plain"])[stamp["changed"]].sum()
+        opaque = np.abs(stamp["opaque"] - stamp["plain"])[stamp["changed"]].sum()
+        assert 0.65 <= moved / opaque <= 0.92
+        assert opaque / stamp["changed"].sum() > 0.15  # and the opaque stamp is visible
+    # a random place each time, not a fixed corner
+    assert len(corners) >= 10
+    assert len({top for top, _ in corners}) >= 4 and len({left for _, left in corners}) >= 4
+
+
+def test_text_style_has_its_own_digits_and_a_photo_background(tmp_path):
+    assert GenerationParams(style="text").digits == (4, 9)
+    assert GenerationParams().digits == (3, 8)  # the badge style's pair, as before
+    assert GenerationParams(style="text", digits=(1, 7)).digits == (1, 7)
+    sizes = {"train_sizes": (4, 4), "val_per_class": 2, "test_per_class": 8}
+    root = generate_dataset(tmp_path, GenerationParams(style="text", image_size=32, **sizes))
+    for row in _rows(root, "test"):
+        with Image.open(root / row["path"]) as image:
+            assert (image.format, image.mode, image.size) == ("PNG", "RGB", (32, 32))
+            pixels = np.asarray(image, dtype=np.float64) / 255.0
+        # a textured photograph, not a gradient: many colours, strong local detail
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 32 * 32 // 2
+        assert np.abs(np.diff(pixels.mean(2), axis=1)).mean() > 0.03
 
 
 def test_tint_variant_is_a_three_valued_background_attribute(tmp_path):
@@ -176,6 +237,18 @@ def test_cache_builds_once_and_reuses_the_files(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith(".")]
 
 
+def test_text_benchmark_at_64_px_gives_an_audit_spec(tmp_path):
+    bench = ensure_benchmark(tmp_path, style="text", image_size=64, **TINY)
+    assert (bench.input_size, bench.attribute, bench.layer) == (64, "watermark", "layer3")
+    assert list(read_labels(bench.dataset)[0]) == ["path", "label", "split", "watermark"]
+    info = json.loads(bench.info.read_text())
+    assert info["generation"]["digits"] == [4, 9] and info["generation"]["style"] == "text"
+    spec = bench.audit_spec(n_subspaces=[4])
+    assert spec.attributes == ["watermark"] and spec.dataset.input_size == 64
+    assert spec.model.weights == str(bench.weights)
+    assert ensure_benchmark(tmp_path, style="text", image_size=64, **TINY) == bench
+
+
 def test_an_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -234,3 +307,21 @@ def test_a_model_trained_without_correlation_ignores_the_watermark():
     assert result["worst"] >= result["clean"] - 0.15  # groups of 60: +-0.05 noise each
     reliant = _evaluate(ensure_benchmark())
     assert result["groups"][(0, "1")] >= reliant["groups"][(0, "1")] + 0.2
+
+
+# The text style (semi-transparent "(c)stock" lettering on photographs, digits 4 vs 9): seeds 0-4 of
+# the 32 px benchmark, trained on this 2-core machine, gave clean accuracy 0.83-0.94,
+# worst group ("4 + text") 0.57-0.68, clean minus worst 0.23-0.35 and "9 + text"
+# 0.97-1.00; models trained without the correlation (rho 0.5, seeds 0-1) had "4 + text"
+# at 0.75-0.77 and clean minus worst 0.14-0.17 (the lettering is a mild nuisance by
+# itself). Seed 0, the one asserted here: clean 0.933, worst 0.583.
+
+
+@pytest.mark.slow
+def test_a_model_trained_with_the_text_shortcut_relies_on_it():
+    result = _evaluate(ensure_benchmark(style="text"))
+    groups = result["groups"]
+    assert result["clean"] >= 0.80
+    assert groups[(0, "1")] == result["worst"] <= 0.72  # "4 + text", read as a 9
+    assert groups[(1, "1")] >= 0.93
+    assert result["clean"] - result["worst"] >= 0.2
