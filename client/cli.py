@@ -215,7 +215,14 @@ SPEC_FLAGS: tuple[SpecFlag, ...] = (
         metavar="N",
         help="largest image read, in pixels (a decompression-bomb cap)",
     ),
-    _flag("--layer", "layers", action="append", metavar="NAME", help="repeatable"),
+    _flag(
+        "--layer",
+        "layers",
+        action="append",
+        metavar="NAME",
+        help="layer to audit, repeatable (default: the architecture's, e.g. resnet18 layer2 "
+        "below 128 px)",
+    ),
     _flag(
         "--attribute",
         "attributes",
@@ -270,15 +277,15 @@ SPEC_FLAGS: tuple[SpecFlag, ...] = (
         "--prune-scope",
         "prune.scope",
         choices=PRUNE_SCOPES,
-        help="'upstream': only filters that feed the audited layer (default: all)",
+        help="'upstream' (default): only filters that feed the audited layer; 'all'",
     ),
     _flag("--relearn-subspaces", "prune.relearn_subspaces", action="store_true", default=None),
     _flag(
         "--keep-projection",
         "prune.keep_projection",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="CNP: fold the projection into the returned model",
+        help="CNP: fold the projection into the returned model (default: no)",
     ),
     _flag(
         "--prune-composite",

@@ -32,7 +32,6 @@ from .client import AuditClient
 from .gates import as_number, evaluate, metric_value, parse_rules
 
 GATES = ("max_ap_attribute<=0.8", "worst_group_accuracy>=0.7")
-PRUNE_RATE = 0.1
 MODEL_FILE = "pruned_model.pt2"  # the CLI fetches the torch.export program when there is one
 
 
@@ -84,15 +83,11 @@ def audit_args(
     argv += ["--model", bench.architecture, "--weights", shown(bench.weights)]
     argv += ["--num-classes", str(bench.num_classes), "--dataset", shown(bench.dataset)]
     argv += ["--input-size", str(bench.input_size), "--mean", ",".join(map(str, bench.mean))]
-    argv += ["--std", ",".join(map(str, bench.std)), "--layer", bench.layer]
+    argv += ["--std", ",".join(map(str, bench.std))]
     argv += ["--attribute", bench.attribute, "--positive-class", str(bench.positive_class)]
     argv += ["--method", args.method] if args.method else []
-    # K chosen on the validation split; concepts on plain-gradient contexts, CNP over the
-    # convs that feed the audited layer: the configuration measured in the README.
-    argv += ["--subspaces", "4,8", "--composite", "gradient"]
-    # One DRSA start, 400 epochs: under a minute, the setting tests/test_audit_science.py checks.
-    argv += ["--drsa-restarts", "1", "--drsa-max-epochs", "400"]
-    argv += ["--prune", "cnp", "--prune-rate", str(PRUNE_RATE), "--prune-scope", "upstream"]
+    # Every audit and pruning setting is the library's default: what a user gets.
+    argv += ["--prune", "cnp"]
     argv += [part for rule in args.gate or GATES for part in ("--gate", rule)]
     argv += ["--json", shown(out / "report.json"), "--junit", shown(out / "junit.xml")]
     argv += ["--summary", shown(out / "summary.md"), "--download-model", shown(out / MODEL_FILE)]
@@ -238,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("[1/4] The watermark benchmark (generated and trained once, then cached)", flush=True)
     from cnp_core.synthetic import ensure_benchmark
 
-    # 64 px, audited at layer3: at 32 px DRSA cannot separate the watermark (README).
+    # 64 px: the size the README's measurements use.
     bench = ensure_benchmark(image_size=64)
     test = json.loads(bench.info.read_text()).get("test", {})
     print(f"      {bench.architecture} on {shown(bench.dataset)}: test accuracy "

@@ -22,16 +22,38 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from .errors import ModelError
 
 
-def _late_conv(model: nn.Module, input_size: int) -> str:
-    """A late but not the last convolution: concepts are formed, space is left."""
-    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    return convs[(3 * len(convs)) // 4]
+def _vgg_layer(model: nn.Module, input_size: int) -> str:
+    """The ReLU after a late but not the last convolution (vgg16: conv4_3, ``features.22``):
+    concepts are formed, space is left. The activation, not the convolution: LRP reads a
+    convolution's output only through that activation's rule."""
+    layers = list(model.features)
+    convs = [n for n, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+    chosen = convs[(3 * len(convs)) // 4]
+    relu = next(n for n in range(chosen, len(layers)) if isinstance(layers[n], nn.ReLU))
+    return f"features.{relu}"
+
+
+def _late_block(model: nn.Module, input_size: int) -> str:
+    """The output of a late block (from 3/4 depth on) of a MobileNet or EfficientNet whose
+    next block adds no residual: a block output read by a residual sum would mix the
+    audited layer with another branch, which LRP cannot attribute to it."""
+    blocks = list(model.features)
+    for n in range((3 * len(blocks)) // 4, len(blocks) - 1):
+        following = blocks[n + 1]
+        first = following[0] if isinstance(following, nn.Sequential) else following
+        if not getattr(first, "use_res_connect", False):
+            return f"features.{n}"
+    return f"features.{len(blocks) - 2}"
 
 
 def _resnet_layer(model: nn.Module, input_size: int) -> str:
-    """``layer3`` when it keeps at least 4x4 positions: ResNets downsample by 16 up to it,
-    so below 64 px it holds 2x2, too few to sample instances from; ``layer2`` there."""
-    return "layer3" if input_size >= 64 else "layer2"
+    """``layer2`` below 128 px, ``layer3`` from 128 px: the deeper block once it keeps at
+    least 8x8 positions (ResNets downsample by 8 up to ``layer2``, by 16 up to ``layer3``).
+    A watermark covers a few positions: on the 64 px benchmark ``layer3`` (4x4) mixed it
+    with the digit and flagged none of five shortcut models at AP 0.9, ``layer2`` (8x8)
+    all five (README, "Verdict reliability"). At 32 px ``layer1`` (8x8) did no better
+    than ``layer2`` (4x4): 1 of 5 either way."""
+    return "layer3" if input_size >= 128 else "layer2"
 
 
 @dataclass(frozen=True)
@@ -50,11 +72,11 @@ FAMILIES = (
         VGG,
         ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn"),
         lambda: [VGGCanonizer()],
-        _late_conv,
+        _vgg_layer,
     ),
-    Family(MobileNetV2, ("mobilenet_v2",), lambda: [SequentialMergeBatchNorm()], _late_conv),
-    Family(MobileNetV3, ("mobilenet_v3_small",), lambda: [SequentialMergeBatchNorm()], _late_conv),
-    Family(EfficientNet, ("efficientnet_b0",), lambda: [SequentialMergeBatchNorm()], _late_conv),
+    Family(MobileNetV2, ("mobilenet_v2",), lambda: [SequentialMergeBatchNorm()], _late_block),
+    Family(MobileNetV3, ("mobilenet_v3_small",), lambda: [SequentialMergeBatchNorm()], _late_block),
+    Family(EfficientNet, ("efficientnet_b0",), lambda: [SequentialMergeBatchNorm()], _late_block),
 )
 
 ARCHITECTURES = tuple(name for family in FAMILIES for name in family.names)
@@ -84,5 +106,14 @@ def canonizers_for(model: nn.Module) -> list:
 
 def default_layer(name: str, input_size: int) -> str:
     """The layer an audit of architecture ``name`` at ``input_size`` px looks at first."""
-    model = build(name, 2)
-    return family_of(model).default_layer(model, input_size)
+    return layer_of(build(name, 2), input_size)
+
+
+def layer_of(model: nn.Module, input_size: int) -> str:
+    """The default audited layer of a loaded model; a model of no known family has none."""
+    family = family_of(model)
+    if family is None:
+        raise ModelError(
+            f"no default layer for a {type(model).__name__}: name the layer(s) to audit"
+        )
+    return family.default_layer(model, input_size)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .architectures import layer_of
 from .concepts import learn_concepts
 from .data import ImageTable, SplitRows, load_dataset, split_rows, validate_images
 from .debias import concept_to_remove, debias
@@ -40,6 +41,8 @@ def _load(
 ) -> tuple[nn.Module, ImageTable, SplitRows]:
     """The model, the dataset and its splits, checked against the spec's classes."""
     model = load_model(spec.model, allowed_roots=allowed_roots)
+    if not spec.layers:  # the architecture's default, recorded in the report's spec
+        spec.layers = [layer_of(model, spec.dataset.input_size)]
     table = load_dataset(spec.dataset, spec.attributes, allowed_roots=allowed_roots)
     top = int(table.labels.max())
     if top >= spec.model.num_classes:

@@ -13,23 +13,14 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# Plain-gradient contexts, as in ALGORITHMS.md section 3's measurements: a subspace's
-# relevance is then the first-order change of the logit when the subspace is removed.
-# Measured with these settings over training seeds 0-4 on a 2-core Xeon (python -m
-# bench.verdicts --set ... --name=-demo; README "Verdict reliability"): 4 of 5 shortcut
-# models flagged, with test AP_watermark 0.91-0.97 and AP_class 0.59-0.69, while another
-# subspace carried the class at AP_class 0.87-0.97 (at least 0.18 above); the fifth
-# (seed 2) was missed at AP 0.76. Another machine's seed 0 gave 0.981 / 0.527 / 0.915.
-# Models trained without the correlation: best AP_watermark 0.53-0.59, none flagged.
-AUDIT = {
-    "layers": ["layer3"],
-    "n_subspaces": [4, 8],
-    "composite": "gradient",
-    "drsa_restarts": 1,
-    "drsa_max_epochs": 400,
-    "bootstrap": 0,
-    "heatmap_samples": 0,
-}
+# The spec's defaults (plain-gradient contexts, K chosen from 4 and 8, one DRSA start of
+# at most 400 epochs, resnet18's default layer: layer2 at 64 px); only the report's
+# extras are off. Measured at the defaults over training seeds 0-4 on a 2-core Xeon
+# (python -m bench.verdicts, README "Verdict reliability"): every shortcut model flagged
+# with test AP_watermark 0.95-1.00 and AP_class 0.39-0.58, while another subspace carried
+# the class at AP_class 0.72-0.88 (0.15-0.46 above). Models trained without the
+# correlation: best AP_watermark 0.54-0.60, none flagged. The bounds leave that margin.
+AUDIT = {"bootstrap": 0, "heatmap_samples": 0}
 
 
 def _audit(tmp_path, correlation: float):
@@ -51,7 +42,7 @@ def test_a_subspace_isolates_the_planted_watermark_and_another_carries_the_class
     others = [s for s in audit.subspaces if s.index != audit.flagged_subspace]
     class_ap = max(s.ap_class.value for s in others)
     assert flagged.ap_class.value <= flagged.ap_class.base_rate + 0.25
-    assert class_ap >= 0.85 and class_ap - flagged.ap_class.value >= 0.15
+    assert class_ap >= 0.65 and class_ap - flagged.ap_class.value >= 0.1
 
 
 def test_no_false_alarm_on_a_model_trained_without_the_correlation(tmp_path):

@@ -24,6 +24,7 @@ import pytest
 
 from cnp_client import demo
 from cnp_client.cli import build_parser, spec_from_args
+from cnp_core.spec import AuditSpec, PruneSpec
 
 REPO = Path(__file__).resolve().parents[1]
 # Reduced settings: a cheap supervised basis, few positions, no heatmaps, few resamples;
@@ -59,10 +60,11 @@ def test_audit_args_are_a_valid_cnp_audit_with_cnp_pruning_and_the_default_gates
     spec = spec_from_args(args).validate()
     assert (args.server, args.gate) == ("127.0.0.1:5", list(demo.GATES))
     assert spec.model.weights == str(b.weights) and spec.dataset.root == str(b.dataset)
-    assert spec.dataset.std == (0.25, 0.5, 0.75) and spec.layers == ["layer2"]
-    assert spec.attributes == ["watermark"] and spec.prune.method == "cnp"
-    assert (spec.prune.rate, spec.prune.scope, spec.composite) == (0.1, "upstream", "gradient")
-    assert spec.method == "drsa"  # no --method: the spec's default
+    assert spec.dataset.std == (0.25, 0.5, 0.75) and spec.attributes == ["watermark"]
+    # Every audit and pruning setting is the library's default, the layer included.
+    defaults = AuditSpec(model=spec.model, dataset=spec.dataset, attributes=spec.attributes)
+    defaults.prune = PruneSpec(method="cnp")
+    assert spec == defaults
     assert Path(args.download_model).name == demo.MODEL_FILE
     assert {Path(args.json).name, Path(args.junit).name, Path(args.summary).name} == {
         "report.json",

@@ -55,6 +55,29 @@ def test_architectures_are_torchvision_models():
     assert set(ARCHITECTURES) <= set(torchvision.models.list_models())
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "vgg11_bn", "vgg16", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"],
+)
+def test_every_family_can_be_audited_at_its_default_layer(name):
+    """An audit that names no layer uses the family's default: LRP must accept it."""
+    from cnp_core.architectures import build, layer_of
+    from cnp_core.lrp import Explainer
+
+    torch.manual_seed(0)
+    model = build(name, 2).eval()
+    layer = layer_of(model, 64)
+    with Explainer(model, [layer]) as explainer:
+        out = explainer.explain(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))
+    # (A freshly initialised EfficientNet's activations all but vanish, so no value check.)
+    assert out.contexts[layer].shape == out.activations[layer].shape
+    assert torch.isfinite(out.contexts[layer]).all()
+    if name == "vgg16":
+        assert layer == "features.22"  # conv4_3's ReLU, the seed's layer
+    if name == "resnet18":
+        assert (layer, layer_of(model, 32), layer_of(model, 224)) == ("layer2", "layer2", "layer3")
+
+
 def test_safetensors_round_trip(tmp_path, resnet, probe):
     path = save_weights(resnet, tmp_path / "sub" / "model.safetensors")
     model = load_model(ModelRef(architecture="resnet18", weights=str(path), num_classes=2))

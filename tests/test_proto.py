@@ -111,7 +111,9 @@ def test_unset_fields_take_library_defaults():
     message = spec_pb2.AuditSpec(layers=["l"], attributes=["a"])
     message.dataset.root = "/d"
     spec = convert.spec_from_proto(message)
-    assert spec.negative_class == -1 and spec.n_subspaces == [4] and spec.dataset.mean == (0.5,) * 3
+    assert (
+        spec.negative_class == -1 and spec.n_subspaces == [4, 8] and spec.dataset.mean == (0.5,) * 3
+    )
     assert spec.prune is None and spec.dataset.root == "/d"
     message.negative_class = 0  # explicitly set zero is kept, not replaced by the default
     assert convert.spec_from_proto(message).negative_class == 0

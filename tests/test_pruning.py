@@ -236,7 +236,7 @@ def test_prune_removes_hidden_neurons_and_counts_them():
     torch.manual_seed(2)
     model = HiddenNet(hidden=6).eval()
     x, t = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    out = prune(model, PruneSpec(method="lrp", rate=0.5), (x, t))
+    out = prune(model, PruneSpec(method="lrp", rate=0.5, scope="all"), (x, t))
     s = out.summary
     assert (s.filters_removed, s.filters_total, s.neurons_removed, s.neurons_total) == (3, 6, 3, 6)
     assert set(s.removed) == {"conv"}  # the summary's per-layer list stays about filters
@@ -535,7 +535,13 @@ def test_iterative_schedule_with_finetuning(digits):
     base = _accuracy(model, test_x, test_y)
     assert base > 0.85
     spec = PruneSpec(
-        method="lrp", rate=0.3, schedule="iterative", steps=2, finetune_epochs=2, learning_rate=1e-2
+        method="lrp",
+        rate=0.3,
+        schedule="iterative",
+        steps=2,
+        finetune_epochs=2,
+        learning_rate=1e-2,
+        scope="all",  # the whole model: no audited layer here
     )
     out = prune(model, spec, (x[ref], y[ref]), train_loader=_loader(x[:1400], y[:1400]))
     assert [s.rate for s in out.history] == [0.15, 0.3]
@@ -548,7 +554,7 @@ def test_iterative_schedule_with_finetuning(digits):
     with torch.no_grad():
         torch.testing.assert_close(out.compact(test_x), out.masked(test_x), rtol=1e-4, atol=1e-4)
     # Fine-tuning is what keeps the pruned model useful (PXP one-shot, no fine-tuning).
-    oneshot = prune(model, PruneSpec(method="lrp", rate=0.3), (x[ref], y[ref]))
+    oneshot = prune(model, PruneSpec(method="lrp", rate=0.3, scope="all"), (x[ref], y[ref]))
     assert _accuracy(out.compact, test_x, test_y) > max(
         0.6, _accuracy(oneshot.compact, test_x, test_y)
     )
@@ -588,13 +594,13 @@ def test_cnp_schedule_relearns_and_keeps_the_projection(digits):
     with torch.no_grad():
         torch.testing.assert_close(out.compact(x[:50]), out.masked(x[:50]), rtol=1e-4, atol=1e-4)
     # A planted concept: the 4 channels of features.5 that vanilla LRP finds most relevant.
-    vanilla = prune(model, PruneSpec(method="lrp", rate=0.25), (x[ref], y[ref]))
+    vanilla = prune(model, PruneSpec(method="lrp", rate=0.25, scope="all"), (x[ref], y[ref]))
     top = torch.argsort(filter_scores(model, x[ref], y[ref])["features.3"])[-4:].tolist()
     planted = np.eye(32)
     planted[top, top] = 0
     cnp = prune(
         model,
-        PruneSpec(method="cnp", rate=0.25),
+        PruneSpec(method="cnp", rate=0.25, scope="all"),
         (x[ref], y[ref]),
         projection=Projection("features.5", planted),
     )
@@ -651,9 +657,11 @@ def test_experiment_summary_and_best_matched_rate(tmp_path):
     # 0.4 has the larger gap but loses balanced accuracy; 0.2 is the best matched rate.
     assert best["rate"] == 0.2 and best["qualified"] and best["target_met"]
     assert best["gap_other_attribute"] == pytest.approx(0.29)
-    paths = write_outputs(_rows(), ExperimentConfig(seeds=(0, 1, 2)), "watermark", tmp_path)
+    config = ExperimentConfig(seeds=(0, 1, 2, 3), keep_projection=True, unflagged=[3])
+    paths = write_outputs(_rows(), config, "watermark", tmp_path)
     text = paths["summary_md"].read_text()
     assert "| CNP (projection kept) | 0.20 | 0.810 ± 0.010 |" in text and "met" in text
+    assert "3 of 4 models flagged" in text
     for key in ("balanced_accuracy", "other_attribute"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(paths["rows"].read_text().splitlines()) == 1 + len(_rows())
@@ -695,7 +703,7 @@ def test_experiment_end_to_end_with_cav_and_relearning():
         # the watermark with AP 0.76 to 0.87 depending on the machine's trained model.
         flag_threshold=0.5,
     )
-    bench, model, table, splits = load_benchmark(config)
+    bench, model, table, splits = load_benchmark(config, 0)
     rows = run_seed(bench, model, table, splits, config, 0, log=lambda m: None)
     assert [r.method for r in rows] == ["none", "projected", "lrp", "cnp"]
     lrp, cnp = rows[2], rows[3]
