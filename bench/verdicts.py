@@ -85,14 +85,19 @@ def _spread(values: list[float]) -> str:
 
 
 def _measure(
-    image_size: int, models: int, settings: dict[str, Any], name: str, quick: bool = False
+    image_size: int,
+    models: int,
+    settings: dict[str, Any],
+    name: str,
+    style: str = "watermark",
+    quick: bool = False,
 ) -> common.BenchResult:
     from cnp_core.synthetic import ensure_benchmark
 
     rows: list[dict[str, Any]] = []
     for seed in range(models):
         for population, rho in (("shortcut", SHORTCUT), ("clean", CLEAN)):
-            bench = ensure_benchmark(seed=seed, correlation=rho, image_size=image_size)
+            bench = ensure_benchmark(seed=seed, correlation=rho, image_size=image_size, style=style)
             row = {"population": population, "seed": seed, **audit_model(bench, settings)}
             rows.append(row)
             print(row, flush=True)
@@ -113,13 +118,21 @@ def _measure(
             f"{statistics.median(r['seconds'] for r in chosen):.0f} s (median)"
         )
     print("\n".join(summary))
-    title = f"Verdicts, {image_size} px, {settings or 'spec defaults'}"
-    details = {"settings": settings, "image_size": image_size, "rows": rows, "summary": summary}
-    return common.BenchResult(f"verdicts-{image_size}px{name}", title, checks, details)
+    title = f"Verdicts, {style} benchmark, {image_size} px, {settings or 'spec defaults'}"
+    details = {
+        "settings": settings,
+        "style": style,
+        "image_size": image_size,
+        "rows": rows,
+        "summary": summary,
+    }
+    prefix = "verdicts" if style == "watermark" else f"verdicts-{style}"
+    return common.BenchResult(f"{prefix}-{image_size}px{name}", title, checks, details)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--style", default="watermark", help="benchmark: watermark (badge) or text")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--models", type=int, default=5, help="models per population (seeds)")
     p.add_argument("--set", type=_setting, action="append", default=[], metavar="F=V")
@@ -132,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         models=2 if args.quick else args.models,
         settings=dict(args.set),
         name=args.name,
+        style=args.style,
         quick=args.quick,
     )
     common.report(result, not args.no_write)

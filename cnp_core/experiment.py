@@ -46,39 +46,42 @@ from .spec import PRUNE_SCOPES, SCHEDULES, AuditSpec, PruneSpec
 METHODS = ("lrp", "cnp")
 
 
+_AUDIT, _PRUNE = AuditSpec(), PruneSpec()
+
+
 @dataclass
 class ExperimentConfig:
+    """One comparison. Seed s is the model trained with seed s (a population of
+    independently trained models) and the audit's seed. Every concept and pruning
+    setting defaults to the spec's default: the table reports what a user gets."""
+
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     rates: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
-    # Defaults: the configuration measured on the 64 px benchmark (README, "CNP vs vanilla"):
-    # DRSA (K = 8) at layer3 fitted on plain-gradient contexts, whose subspace relevance
-    # is the first-order change of the logit when the subspace is removed; one-shot PXP
-    # scores (LRP) over the convolutions that feed layer3, the only ones whose scores the
-    # projection changes; the projection kept in the CNP model.
-    schedule: str = "oneshot"
-    steps: int = 1
-    finetune_epochs: int = 0
-    learning_rate: float = 1e-4
-    reference_per_class: int = 32
-    relearn: bool = False
-    keep_projection: bool = True  # deploy CNP with P folded into the next layer
-    concept: str = "drsa"  # "drsa" or "cav"
-    n_subspaces: tuple[int, ...] = (8,)
-    layer: str = "layer3"  # "": the benchmark's default audited layer
-    positions_per_image: int = 20
-    drsa_max_epochs: int = 500
-    flag_threshold: float = AuditSpec.flag_threshold  # CNP removes only what the audit flags
-    composite: str = "epsilon_plus_flat"  # LRP rules of the filter scores
-    concept_composite: str = "gradient"  # context of the concept fit
-    scope: str = "upstream"  # prune only convolutions that feed the audited layer
-    benchmark_seed: int = 0
+    schedule: str = _PRUNE.schedule
+    steps: int = _PRUNE.steps
+    finetune_epochs: int = _PRUNE.finetune_epochs
+    learning_rate: float = _PRUNE.learning_rate
+    reference_per_class: int = _PRUNE.reference_per_class
+    relearn: bool = _PRUNE.relearn_subspaces
+    keep_projection: bool = _PRUNE.keep_projection  # fold P into the returned CNP model
+    concept: str = _AUDIT.method  # "drsa" or "cav"
+    n_subspaces: tuple[int, ...] = tuple(_AUDIT.n_subspaces)
+    layer: str = ""  # "": the architecture's default audited layer
+    positions_per_image: int = _AUDIT.positions_per_image
+    drsa_max_epochs: int = _AUDIT.drsa_max_epochs
+    flag_threshold: float = _AUDIT.flag_threshold  # CNP removes only what the audit flags
+    composite: str = _PRUNE.composite  # LRP rules of the filter scores
+    concept_composite: str = _AUDIT.composite  # context of the concept fit
+    scope: str = _PRUNE.scope
+    style: str = "watermark"  # the benchmark: "watermark" (badge) or "text"
     image_size: int = 64
     correlation: float = 0.95
     present: str = "1"  # the attribute's present value: its groups are the ones reported
-    batch_size: int = 32
-    min_group_size: int = 10
-    device: str = "cpu"
-    benchmark: str = ""  # the cache entry used (filled in by run_experiment)
+    batch_size: int = _AUDIT.batch_size
+    min_group_size: int = _AUDIT.min_group_size
+    device: str = _AUDIT.device
+    benchmark: str = ""  # the cache entry of the seed's model (filled in by run_experiment)
+    unflagged: list[int] = field(default_factory=list)  # seeds whose audit flagged nothing
 
 
 @dataclass
@@ -147,13 +150,16 @@ class Row:
     seconds: float = 0.0
 
 
-def load_benchmark(config: ExperimentConfig):
-    """The cached watermark benchmark, its model and its dataset, through the real loading
-    paths (:mod:`cnp_core.models`, :mod:`cnp_core.data`)."""
+def load_benchmark(config: ExperimentConfig, seed: int):
+    """The cached benchmark model of training seed ``seed`` and its dataset, through the
+    real loading paths (:mod:`cnp_core.models`, :mod:`cnp_core.data`)."""
     from .synthetic import ensure_benchmark
 
     bench = ensure_benchmark(
-        seed=config.benchmark_seed, correlation=config.correlation, image_size=config.image_size
+        seed=seed,
+        correlation=config.correlation,
+        image_size=config.image_size,
+        style=config.style,
     )
     spec = bench.audit_spec()
     model = load_model(spec.model)
@@ -164,7 +170,7 @@ def load_benchmark(config: ExperimentConfig):
 def concept_spec(bench, config: ExperimentConfig, seed: int) -> AuditSpec:
     """The audit spec of one seed's concept fit: the service's own settings, as configured."""
     return bench.audit_spec(
-        layers=[config.layer],
+        layers=[config.layer or bench.layer],
         method=config.concept,
         n_subspaces=list(config.n_subspaces),
         composite=config.concept_composite,
@@ -398,7 +404,9 @@ def markdown(summary: list[Summary], best: dict, attribute: str, config: Experim
         f"positive class, no {attribute} | worst group | parameters | MACs |"
     )
     lines = [
-        f"Watermark benchmark, {len(config.seeds)} seeds, {config.concept} concept at "
+        f"{config.style.capitalize()} benchmark, {config.image_size} px: "
+        f"{len(config.seeds) - len(config.unflagged)} of {len(config.seeds)} models flagged "
+        f"and compared, {config.concept} concept at "
         f"`{config.layer}`, schedule {config.schedule} (steps {config.steps}, fine-tuning "
         f"{config.finetune_epochs} epochs{', re-learned subspaces' if config.relearn else ''}). "
         "Mean ± std over seeds.",
@@ -497,15 +505,24 @@ def write_outputs(
 def run_experiment(
     config: ExperimentConfig, output: Path, log: Callable[[str], None] = print
 ) -> list[Row]:
-    bench, model, table, splits = load_benchmark(config)
-    config.layer = config.layer or bench.layer
-    config.benchmark = str(bench.dataset.parent)
-    rows = []
+    """Every seed's model in turn. A model whose audit flags nothing has no concept to
+    prune (the service refuses ``--prune cnp`` then): it is logged, counted in the
+    summary and left out of the comparison, which stays paired."""
+    rows: list[Row] = []
+    config.unflagged = []
     for seed in config.seeds:
-        rows += run_seed(
-            bench, model, table, splits, config, seed, log=log, cache=output / "concepts"
-        )
-        write_outputs(rows, config, bench.attribute, output)  # partial results survive a stop
+        bench, model, table, splits = load_benchmark(config, seed)
+        config.benchmark = bench.dataset.parent.name
+        config.layer = config.layer or bench.layer
+        try:
+            rows += run_seed(
+                bench, model, table, splits, config, seed, log=log, cache=output / "concepts"
+            )
+        except NoFlaggedSubspace as err:
+            log(f"seed {seed}: not flagged, left out: {err}")
+            config.unflagged.append(seed)
+        if rows:
+            write_outputs(rows, config, bench.attribute, output)  # partial results survive
     return rows
 
 
@@ -516,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", type=Path, default=Path(".cnp/experiment"))
-    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0..n-1)")
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="number of models: training seeds 0..n-1"
+    )
     parser.add_argument("--rates", type=float, nargs="+", default=list(ExperimentConfig.rates))
     defaults = ExperimentConfig()
     parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
@@ -543,10 +562,10 @@ def main(argv: list[str] | None = None) -> int:
         "--concept-composite", default=defaults.concept_composite, help="context of the fit"
     )
     parser.add_argument("--scope", choices=PRUNE_SCOPES, default=defaults.scope)
-    parser.add_argument("--benchmark-seed", type=int, default=defaults.benchmark_seed)
+    parser.add_argument("--style", choices=["watermark", "text"], default=defaults.style)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=defaults.device)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -566,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         drsa_max_epochs=args.drsa_max_epochs,
         concept_composite=args.concept_composite,
         scope=args.scope,
-        benchmark_seed=args.benchmark_seed,
+        style=args.style,
         image_size=args.image_size,
         device=args.device,
     )
