@@ -285,7 +285,7 @@ SPEC_FLAGS: tuple[SpecFlag, ...] = (
         "prune.keep_projection",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="CNP: fold the projection into the returned model (default: no)",
+        help="CNP: fold the projection into the returned model (default: yes)",
     ),
     _flag(
         "--prune-composite",

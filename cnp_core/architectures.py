@@ -23,14 +23,21 @@ from .errors import ModelError
 
 
 def _vgg_layer(model: nn.Module, input_size: int) -> str:
-    """The ReLU after a late but not the last convolution (vgg16: conv4_3, ``features.22``):
-    concepts are formed, space is left. The activation, not the convolution: LRP reads a
-    convolution's output only through that activation's rule."""
+    """The block output after a late but not the last convolution (vgg16: conv4_3, whose
+    ReLU and max pool end at ``features.23``): concepts are formed, space is left. Not
+    the convolution, which LRP reads only through its activation's rule, and past the
+    max pool when one follows, so that CNP's projection folds exactly into the next
+    convolution."""
     layers = list(model.features)
     convs = [n for n, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
-    chosen = convs[(3 * len(convs)) // 4]
-    relu = next(n for n in range(chosen, len(layers)) if isinstance(layers[n], nn.ReLU))
-    return f"features.{relu}"
+    n = next(
+        n
+        for n in range(convs[(3 * len(convs)) // 4], len(layers))
+        if isinstance(layers[n], nn.ReLU)
+    )
+    if n + 1 < len(layers) and isinstance(layers[n + 1], nn.MaxPool2d):
+        n += 1
+    return f"features.{n}"
 
 
 def _late_block(model: nn.Module, input_size: int) -> str:

@@ -18,12 +18,31 @@ from torch import nn
 
 from .concepts import ConceptAudit, learn_concepts
 from .data import ImageDataset, ImageTable, LabelledImages, SplitRows, make_loader
-from .errors import NoFlaggedSubspace
+from .errors import InvalidSpec, LayerError, NoFlaggedSubspace
 from .pruning.criteria import pruning_criterion
-from .pruning.projection import Projection
+from .pruning.projection import Projection, projection_readers
 from .pruning.schedule import PruneOutcome, prune
 from .spec import AuditSpec
 from .stages import StepCallback
+
+
+def check_prune(model: nn.Module, spec: AuditSpec) -> None:
+    """What the pruning stage needs of the model, checked before the audit runs: a
+    projection kept in the model must fold exactly into the layers that read the
+    audited layer(s)."""
+    prune_spec = spec.prune
+    if prune_spec is None or not prune_spec.keep_projection:
+        return
+    if not pruning_criterion(prune_spec.method).uses_concept:
+        return
+    for layer in spec.layers:
+        try:
+            projection_readers(model, layer)
+        except LayerError as err:
+            raise InvalidSpec(
+                f"prune.keep_projection: {err}; audit a layer that convolutions read (e.g. "
+                "the pooled block output), or keep the projection out (--no-keep-projection)"
+            ) from None
 
 
 def reference_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from torch import nn
 from .architectures import layer_of
 from .concepts import learn_concepts
 from .data import ImageTable, SplitRows, load_dataset, split_rows, validate_images
-from .debias import concept_to_remove, debias
+from .debias import check_prune, concept_to_remove, debias
 from .errors import DatasetError
 from .evaluation import evaluate_table
 from .export import save_pruned
@@ -78,6 +78,7 @@ def run_audit(
 
     run.stage("load", "loading model and dataset")
     model, table, splits = _load(spec, allowed_roots)
+    check_prune(model, spec)  # before the audit: a pruning stage that cannot run fails now
     validate_images(table)
 
     run.stage("evaluate", "evaluating the model per group")

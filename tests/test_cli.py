@@ -77,7 +77,7 @@ def test_flags_for_image_cap_reference_set_and_pruning_rules():
         True,
         True,
     )
-    assert parse_spec("--prune", "cnp").prune.keep_projection is False  # the default
+    assert parse_spec("--prune", "cnp").prune.keep_projection is True  # the default
     assert parse_spec("--prune", "cnp", "--no-keep-projection").prune.keep_projection is False
     assert spec.composite == AuditSpec().composite  # the audit's rules stay apart
 

@@ -73,7 +73,7 @@ def test_every_family_can_be_audited_at_its_default_layer(name):
     assert out.contexts[layer].shape == out.activations[layer].shape
     assert torch.isfinite(out.contexts[layer]).all()
     if name == "vgg16":
-        assert layer == "features.22"  # conv4_3's ReLU, the seed's layer
+        assert layer == "features.23"  # conv4_3's block output, after its ReLU and max pool
     if name == "resnet18":
         assert (layer, layer_of(model, 32), layer_of(model, 224)) == ("layer2", "layer2", "layer3")
 

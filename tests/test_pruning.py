@@ -734,3 +734,22 @@ def test_prune_stage_of_the_pipeline(tmp_path):
     assert result.after.parameters < result.before.parameters
     compact = load_compact(result.artifacts["model_compact.architecture.json"].rsplit("/", 1)[0])
     assert sum(p.numel() for p in compact.parameters()) == result.after.parameters
+
+
+def test_a_kept_projection_that_cannot_fold_fails_before_the_audit():
+    from cnp_core.debias import check_prune
+    from cnp_core.spec import AuditSpec
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.Flatten()
+    )
+    spec = AuditSpec(layers=["1"], prune=PruneSpec(method="cnp"))  # a max pool reads "1"
+    with pytest.raises(InvalidSpec, match="reaches call_module 2.*--no-keep-projection"):
+        check_prune(model, spec)
+    for fine in (
+        AuditSpec(layers=["2"], prune=PruneSpec(method="cnp")),  # a convolution reads "2"
+        AuditSpec(layers=["1"], prune=PruneSpec(method="cnp", keep_projection=False)),
+        AuditSpec(layers=["1"], prune=PruneSpec(method="lrp")),
+        AuditSpec(layers=["1"]),
+    ):
+        check_prune(model, fine)

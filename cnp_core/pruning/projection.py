@@ -92,43 +92,50 @@ def insert_projection(model: nn.Module, projection: Projection) -> nn.Module:
     return model
 
 
-def fold_projection(model: nn.Module, projection: Projection) -> nn.Module:
-    """A copy in which P is folded exactly into the layers that read ``projection.layer``:
-    W' = W P over input channels, for every consumer (convolutions, or linear layers
-    behind average pooling and flattening). Raises LayerError where that is not exact."""
+def projection_readers(model: nn.Module, layer: str, dim: int | None = None) -> list[nn.Module]:
+    """The layers that read ``layer``'s output, into which a projection after it folds
+    exactly: convolutions, or linear layers behind average pooling and flattening.
+    Raises LayerError where that is not exact (e.g. a max pool reads it). ``dim``: the
+    projection's width, which a linear reader must take (None: any)."""
     import torch.fx
 
     class _Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return qualname == projection.layer or super().is_leaf_module(m, qualname)
+            return qualname == layer or super().is_leaf_module(m, qualname)
 
-    folded = copy.deepcopy(model)
-    _parent(folded, projection.layer)
+    _parent(model, layer)
     try:
-        graph = _Tracer().trace(folded)
+        graph = _Tracer().trace(model)
     except Exception as err:  # noqa: BLE001 - fx refuses dynamic control flow
         raise LayerError(f"cannot trace the model to fold the projection: {err}") from None
-    modules = dict(folded.named_modules())
-    start = next(n for n in graph.nodes if n.op == "call_module" and n.target == projection.layer)
+    modules = dict(model.named_modules())
+    start = next(n for n in graph.nodes if n.op == "call_module" and n.target == layer)
     passthrough = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
-    consumers, todo = {}, list(start.users)
+    readers, todo = {}, list(start.users)
     while todo:
         node = todo.pop()
         module = modules.get(node.target) if node.op == "call_module" else None
         if (isinstance(module, nn.Conv2d) and module.groups == 1) or (
-            isinstance(module, nn.Linear) and module.in_features == projection.dim
+            isinstance(module, nn.Linear) and module.in_features == (dim or module.in_features)
         ):
-            consumers[id(module)] = module
+            readers[id(module)] = module
         elif isinstance(module, passthrough) or node.target is torch.flatten:
             todo.extend(node.users)
         else:
             raise LayerError(
-                f"the projection after {projection.layer!r} cannot be folded exactly: "
+                f"the projection after {layer!r} cannot be folded exactly: "
                 f"its output reaches {node.op} {node.target}"
             )
+    return list(readers.values())
+
+
+def fold_projection(model: nn.Module, projection: Projection) -> nn.Module:
+    """A copy in which P is folded exactly into the layers that read ``projection.layer``:
+    W' = W P over input channels, for every reader (:func:`projection_readers`)."""
+    folded = copy.deepcopy(model)
     p = torch.as_tensor(projection.matrix, dtype=torch.float32)
     with torch.no_grad():
-        for module in consumers.values():
+        for module in projection_readers(folded, projection.layer, projection.dim):
             w = module.weight
             module.weight.copy_(torch.einsum("oi...,ij->oj...", w, p.to(w.device, w.dtype)))
     return folded
