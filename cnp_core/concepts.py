@@ -91,6 +91,11 @@ class ConceptAudit:
         )
 
 
+def context_composite(spec: AuditSpec) -> str:
+    """The LRP rules of the contexts: the spec's, else the concept method's own."""
+    return spec.composite or concept_method(spec.method).composite
+
+
 def class_pair(spec: AuditSpec, labels: np.ndarray) -> np.ndarray:
     """Rows of the audited classes: the positive and the negative class, or every class."""
     if spec.negative_class >= 0:
@@ -133,7 +138,8 @@ def learn_concepts(
     fit_rows = subsample(splits.train[fit_mask[splits.train]], spec.fit_images, spec.seed)
     if len(fit_rows) == 0:
         raise DatasetError(f"no training images of class {spec.positive_class} to fit subspaces on")
-    with Explainer(model, spec.layers, spec.composite, device=spec.device) as explainer:
+    composite = context_composite(spec)
+    with Explainer(model, spec.layers, composite, device=spec.device) as explainer:
         instances = collect_instances(
             explainer,
             loader(fit_rows),

@@ -593,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    run_experiment(config, args.output, log)
+    if not run_experiment(config, args.output, log):
+        print(f"no model was flagged (seeds {config.unflagged}): CNP has nothing to remove")
+        return 1
     print((args.output / "summary.md").read_text())
     return 0
 

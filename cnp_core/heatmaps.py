@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .concepts import ConceptAudit  # noqa: E402
+from .concepts import ConceptAudit, context_composite  # noqa: E402
 from .data import ImageDataset, ImageTable, SplitRows  # noqa: E402
 from .lrp import Explainer  # noqa: E402
 from .paths import file_stem  # noqa: E402
@@ -90,7 +90,7 @@ def audit_heatmaps(
         return artifacts
     mean = torch.tensor(spec.dataset.mean)[:, None, None]
     std = torch.tensor(spec.dataset.std)[:, None, None]
-    with Explainer(model, spec.layers, spec.composite, device=spec.device) as explainer:
+    with Explainer(model, spec.layers, context_composite(spec), device=spec.device) as explainer:
         for audit in concepts.audits:
             present = dict(table.audited_values(audit.attribute))[audit.value]
             chosen = [i for i in splits.test if present[i]][: spec.heatmap_samples]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .architectures import layer_of
-from .concepts import learn_concepts
+from .concepts import context_composite, learn_concepts
 from .data import ImageTable, SplitRows, load_dataset, split_rows, validate_images
 from .debias import check_prune, concept_to_remove, debias
 from .errors import DatasetError
@@ -41,8 +41,11 @@ def _load(
 ) -> tuple[nn.Module, ImageTable, SplitRows]:
     """The model, the dataset and its splits, checked against the spec's classes."""
     model = load_model(spec.model, allowed_roots=allowed_roots)
-    if not spec.layers:  # the architecture's default, recorded in the report's spec
+    # Defaults that depend on the model or the method, filled in so that the report's
+    # spec records what ran.
+    if not spec.layers:
         spec.layers = [layer_of(model, spec.dataset.input_size)]
+    spec.composite = context_composite(spec)
     table = load_dataset(spec.dataset, spec.attributes, allowed_roots=allowed_roots)
     top = int(table.labels.max())
     if top >= spec.model.num_classes:

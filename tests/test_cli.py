@@ -23,7 +23,7 @@ from cnp_client.cli import (
     main,
     spec_from_args,
 )
-from cnp_core.spec import AuditSpec
+from cnp_core.spec import AuditSpec, PruneSpec
 
 BASE = [
     "--model", "resnet18", "--weights", "model.safetensors", "--num-classes", "2",
@@ -97,7 +97,7 @@ def test_unset_flags_keep_library_defaults():
     for name in ("method", "n_subspaces", "score", "bootstrap", "min_group_size", "seed", "device"):
         assert getattr(spec, name) == getattr(default, name), name
     spec = parse_spec("--prune", "cnp")
-    assert spec.prune.rate == 0.3 and spec.prune.schedule == "oneshot"
+    assert spec.prune.rate == PruneSpec().rate and spec.prune.schedule == "oneshot"
     factory = spec_from_args(
         build_parser().parse_args(
             [
