@@ -239,7 +239,7 @@ def test_cache_builds_once_and_reuses_the_files(tmp_path):
 
 def test_text_benchmark_at_64_px_gives_an_audit_spec(tmp_path):
     bench = ensure_benchmark(tmp_path, style="text", image_size=64, **TINY)
-    assert (bench.input_size, bench.attribute, bench.layer) == (64, "watermark", "layer3")
+    assert (bench.input_size, bench.attribute, bench.layer) == (64, "watermark", "layer2")
     assert list(read_labels(bench.dataset)[0]) == ["path", "label", "split", "watermark"]
     info = json.loads(bench.info.read_text())
     assert info["generation"]["digits"] == [4, 9] and info["generation"]["style"] == "text"
