@@ -523,6 +523,9 @@ def run_experiment(
             config.unflagged.append(seed)
         if rows:
             write_outputs(rows, config, bench.attribute, output)  # partial results survive
+    if not rows:  # no model flagged: the configuration says so
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(asdict(config), indent=2))
     return rows
 
 

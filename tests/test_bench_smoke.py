@@ -20,7 +20,7 @@ from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
 
 # bench/ is a top-level folder of the repository, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import audits, common, run_all, verdicts  # noqa: E402
+from bench import audits, cnp_vs_vanilla, common, run_all, verdicts  # noqa: E402
 
 
 def test_checks_compare_against_their_target():
@@ -145,3 +145,27 @@ def test_verdict_settings_parse_as_the_spec_fields_they_name():
     for bad in ("unknown=1", "n_subspaces=", "seed"):
         with pytest.raises(Exception, match="FIELD=VALUE"):
             verdicts._setting(bad)
+
+
+def test_cnp_vs_vanilla_reads_each_configuration_at_the_default_and_best_rates(tmp_path):
+    from cnp_core.experiment import ExperimentConfig, Row, write_outputs
+
+    rows = []
+    for seed in range(2):
+        rows += [Row(seed, "none", 0.0, 0.80, 0.30, 0.9, 0.30)]
+        for rate, cnp, lrp, balanced in ((0.1, 0.60, 0.40, 0.81), (0.2, 0.90, 0.50, 0.70)):
+            rows += [Row(seed, "lrp", rate, 0.80, lrp, 0.9, lrp)]
+            rows += [Row(seed, "cnp", rate, balanced, cnp, 0.9, cnp)]
+    config = ExperimentConfig(seeds=(0, 1, 2), unflagged=[2])
+    write_outputs(rows, config, "watermark", tmp_path / "a")
+    result = cnp_vs_vanilla.compare(tmp_path / "a", default_rate=0.1)
+    assert (result["flagged"], result["models"], result["default_rate"]) == (2, 3, 0.1)
+    # 0.2 gains more but loses 10 points of balanced accuracy: 0.1 is the best matched.
+    assert result["best_rate"] == 0.1 and result["rates"][0.1]["gain"] == pytest.approx(0.2)
+    assert "| a | 2 of 3 | 0.30, 0.800 | 0.10: 0.60 vs 0.40 (+20)" in cnp_vs_vanilla._row(
+        "a", result
+    )
+    (tmp_path / "b").mkdir()  # a configuration in which no model was flagged
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"seeds": [0, 1], "unflagged": [0, 1]}))
+    none = cnp_vs_vanilla.compare(tmp_path / "b", default_rate=0.1)
+    assert "no model flagged" in cnp_vs_vanilla._row("b", none)
