@@ -14,12 +14,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # The spec's defaults (plain-gradient contexts, K chosen from 4 and 8, one DRSA start of
-# at most 400 epochs, resnet18's default layer: layer2 at 64 px); only the report's
+# at most 150 epochs, resnet18's default layer: layer2 at 64 px); only the report's
 # extras are off. Measured at the defaults over training seeds 0-4 on a 2-core Xeon
 # (python -m bench.verdicts, README "Verdict reliability"): every shortcut model flagged
-# with test AP_watermark 0.95-1.00 and AP_class 0.39-0.58, while another subspace carried
-# the class at AP_class 0.72-0.88 (0.15-0.46 above). Models trained without the
-# correlation: best AP_watermark 0.54-0.60, none flagged. The bounds leave that margin.
+# with test AP_watermark 0.97-1.00 and AP_class 0.39-0.56, while another subspace carried
+# the class at AP_class 0.77-0.91 (0.20-0.43 above). Models trained without the
+# correlation: best AP_watermark 0.55-0.61, none flagged. The bounds leave that margin.
 AUDIT = {"bootstrap": 0, "heatmap_samples": 0}
 
 
