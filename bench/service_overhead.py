@@ -113,10 +113,12 @@ class Server:
                 )
             if time.monotonic() > deadline:
                 raise TimeoutError("cnp-server did not write server.json")
-            if info.exists():
+            try:
                 data = json.loads(info.read_text())
-                if data.get("pid") == self.process.pid:
-                    self.address = data["address"]
+            except (FileNotFoundError, json.JSONDecodeError):  # not (fully) written yet
+                data = {}
+            if data.get("pid") == self.process.pid:
+                self.address = data["address"]
             time.sleep(0.05)
         _wait_serving(self.address, deadline)
         serving = time.perf_counter() - began

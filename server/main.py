@@ -124,9 +124,10 @@ class Application:
         if callable(warm_up):
             threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
         self.address = f"{c.listen.rsplit(':', 1)[0]}:{self.port}"
-        (c.data_path / "server.json").write_text(
-            json.dumps({"address": self.address, "pid": os.getpid(), "tls": c.tls})
-        )
+        # Written whole, then renamed: a client polling for it never reads half a file.
+        info = c.data_path / "server.json.tmp"
+        info.write_text(json.dumps({"address": self.address, "pid": os.getpid(), "tls": c.tls}))
+        info.replace(c.data_path / "server.json")
         log.info(
             "cnp-server %s listening on %s (%s)",
             __version__,

@@ -100,3 +100,25 @@ def test_the_k_with_the_best_validation_ap_wins_per_layer():
     strong = Candidate("l", 4, strong_val, rng.normal(size=(400, 4)))
     (audit,) = audit_attribute("wm", "1", [weak, strong], val, test, score="raw")
     assert audit.n_subspaces == 4 and len(audit.subspaces) == 4
+
+
+def test_vectorised_average_precision_equals_scikit_learn_row_by_row():
+    from sklearn.metrics import average_precision_score
+
+    from cnp_core.metrics import average_precision, average_precision_rows
+
+    rng = np.random.default_rng(0)
+    target = rng.random((50, 40)) < 0.3
+    score = rng.integers(0, 6, size=(50, 40)).astype(float)  # many ties
+    score[1] = 2.0  # one threshold for the whole row
+    target[2], target[3] = True, False  # no negatives, no positives
+    got = average_precision_rows(target, score)
+    assert np.isnan(got[2]) and np.isnan(got[3])
+    for row in (0, 1, *range(4, 50)):
+        assert got[row] == pytest.approx(average_precision_score(target[row], score[row]))
+    # The bootstrap interval brackets the value and narrows with more samples.
+    wide = average_precision(target[0], score[0] + rng.random(40), resamples=200, seed=1)
+    assert wide.ci_low < wide.value < wide.ci_high
+    many = np.tile(target[0], 20), np.tile(score[0] + rng.random(40), 20)
+    narrow = average_precision(*many, resamples=200, seed=1)
+    assert narrow.ci_high - narrow.ci_low < (wide.ci_high - wide.ci_low) / 2
