@@ -24,6 +24,7 @@ BENCHMARKS = (
     "service_overhead",
     "scale",
     "memory",
+    "audit_speed",
 )
 
 
