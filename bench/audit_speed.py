@@ -21,16 +21,14 @@ Targets (2 CPU cores): audit <= 60 s and <= 1.25 x the yardstick; with CNP <= 90
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from . import audits, common
-from .service_overhead import BIN, Server
+from .service_overhead import Server, cnp_audit
 
 FACTOR = 4  # copies of each image: 790 x 4 = 3,160 images
 AUDIT_SECONDS, PRUNED_SECONDS, RATIO = 60.0, 90.0, 1.25
@@ -58,20 +56,12 @@ def cli_audit(server: Server, spec, workdir: Path, *extra: str) -> dict[str, Any
     """``cnp audit`` naming only model, dataset and attribute; wall seconds and timings."""
     m, d = spec.model, spec.dataset
     out = workdir / f"report-{len(list(workdir.glob('report-*')))}.json"
-    command = [
-        str(BIN / "cnp"), "audit", "--server", server.address,
-        "--token-file", str(server.data_dir / "token"),
+    arguments = [
         "--model", m.architecture, "--weights", m.weights, "--num-classes", str(m.num_classes),
         "--dataset", d.root, "--input-size", str(d.input_size),
         "--attribute", spec.attributes[0], *extra,
-        "--no-progress", "--quiet", "--json", str(out),
     ]  # fmt: skip
-    began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    wall = time.perf_counter() - began
-    if done.returncode != 0:
-        raise RuntimeError(f"cnp audit exited {done.returncode}: {done.stderr[-3000:]}")
-    report = json.loads(out.read_text())
+    wall, report = cnp_audit(server, arguments, out)
     (audit,) = report["attributes"]
     return {
         "wall": wall,

@@ -82,6 +82,7 @@ from typing import Any
 
 import numpy as np
 
+from cnp_client.cli import _int_list
 from cnp_core.errors import InvalidSpec
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef, PruneSpec
 
@@ -502,15 +503,6 @@ def _setting(text: str) -> tuple[str, Any]:
     return key, type(default)(value)
 
 
-def _numbers(text: str) -> list[int]:
-    try:
-        return [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected numbers like 4 or 2,4,8, got {text!r}"
-        ) from None
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.imagenet",
@@ -531,7 +523,7 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--weights", type=Path, default=WEIGHTS, help="default: %(default)s")
     audit.add_argument("--input-size", type=int, default=224, metavar="N")
     audit.add_argument("--layer", default=LAYER)
-    audit.add_argument("--subspaces", type=_numbers, default=[4], metavar="K", help="e.g. 2,4,8")
+    audit.add_argument("--subspaces", type=_int_list, default=[4], metavar="K", help="e.g. 2,4,8")
     audit.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]")
     audit.add_argument("--prune", choices=("cnp", "lrp"), help="prune after the audit")
     audit.add_argument("--prune-rate", type=float, default=0.1, metavar="R")

@@ -170,6 +170,22 @@ class Server:
         return float("nan")
 
 
+def cnp_audit(server: Server, arguments: list[str], out: Path) -> tuple[float, dict[str, Any]]:
+    """``cnp audit ARGUMENTS`` against ``server``, timed from the CLI's spawn to its exit;
+    the wall seconds and the JSON report it wrote to ``out``."""
+    command = [
+        str(BIN / "cnp"), "audit", "--server", server.address,
+        "--token-file", str(server.data_dir / "token"), *arguments,
+        "--no-progress", "--quiet", "--json", str(out),
+    ]  # fmt: skip
+    began = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        raise RuntimeError(f"cnp audit exited {done.returncode}: {done.stderr[-3000:]}")
+    return wall, json.loads(out.read_text())
+
+
 def _measure(quick: bool = False, *, rounds: int | None = None) -> common.BenchResult:
     from cnp_core.pipeline import run_audit
 
@@ -192,19 +208,8 @@ def _measure(quick: bool = False, *, rounds: int | None = None) -> common.BenchR
         def through_service() -> None:
             n = next(counter)
             out = tmp / f"service-{n}.json"
-            command = [
-                str(BIN / "cnp"), "audit", "--server", server.address,
-                "--token-file", str(server.data_dir / "token"),
-                *audits.cli_arguments(spec),
-                "--request-id", f"bench-{os.getpid()}-{n}", "--no-progress", "--quiet",
-                "--json", str(out),
-            ]  # fmt: skip
-            began = time.perf_counter()
-            done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-            wall = time.perf_counter() - began
-            if done.returncode != 0:
-                raise RuntimeError(f"cnp audit exited {done.returncode}: {done.stderr[-3000:]}")
-            report = json.loads(out.read_text())
+            arguments = [*audits.cli_arguments(spec), "--request-id", f"bench-{os.getpid()}-{n}"]
+            wall, report = cnp_audit(server, arguments, out)
             job = server.job(report["audit_id"])
             service_runs.append(
                 {
