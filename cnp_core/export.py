@@ -274,18 +274,27 @@ def save_compact(
         torch.export.save(program, directory / PROGRAM_FILE)
         paths["pt2"] = directory / PROGRAM_FILE
     if "onnx" in formats:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (x,),
-                str(directory / ONNX_FILE),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    str(directory / ONNX_FILE),
+                    dynamo=False,
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                )
+            paths["onnx"] = directory / ONNX_FILE
+        except Exception as err:  # noqa: BLE001 - the exporter's errors have no common type
+            # An operator ONNX cannot express (e.g. VGG's 7x7 adaptive pool on a 2x2 map
+            # at 64 px) costs this one file, not the pruned model in the other formats.
+            (directory / ONNX_FILE).unlink(missing_ok=True)
+            reason = (
+                str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             )
-        paths["onnx"] = directory / ONNX_FILE
+            warnings.warn(f"no ONNX file for this model: {reason}", stacklevel=2)
     unknown = set(formats) - {"safetensors", "pt2", "onnx"}
     if unknown:
         raise ModelError(f"unknown export formats {sorted(unknown)}")

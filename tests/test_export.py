@@ -223,3 +223,14 @@ def test_load_refuses_mismatched_weights(compact, tmp_path):
     (tmp_path / "architecture.json").write_text(json.dumps(description))
     with pytest.raises(ModelError, match="do not fit"):
         load_compact(tmp_path)
+
+
+def test_a_model_onnx_cannot_express_still_exports_the_other_formats(tmp_path):
+    """VGG's 7x7 adaptive pool on the 2x2 map of a 64 px input has no ONNX form: the
+    pruned model must not be lost with that one file."""
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11(num_classes=2).eval()
+    with pytest.warns(UserWarning, match="no ONNX file.*adaptive_avg_pool2d"):
+        paths = save_compact(model, tmp_path, torch.randn(1, 3, 64, 64))
+    assert set(paths) == {"safetensors", "architecture", "pt2"}
+    assert not (tmp_path / "model.onnx").exists()
