@@ -219,6 +219,30 @@ def _json_default(value: object) -> object:
 # ------------------------------------------------------------------------------ running
 
 
+def spec_setting(text: str, *, prune: bool = False) -> tuple[str, Any]:
+    """``FIELD=VALUE`` for a top-level AuditSpec field (with ``prune``, also
+    ``prune.FIELD``), the value parsed by the field's default type (``--set``)."""
+    import dataclasses
+
+    from cnp_core.spec import AuditSpec, PruneSpec
+
+    key, _, value = text.partition("=")
+    owner, name = AuditSpec(), key
+    if prune and key.startswith("prune."):
+        owner, name = PruneSpec(), key.removeprefix("prune.")
+    names = {f.name for f in dataclasses.fields(owner)} - {"model", "dataset", "prune"}
+    if name not in names or not value:
+        wanted = "an AuditSpec field" + (" or prune.FIELD" if prune else "")
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE of {wanted}, got {text!r}")
+    default = getattr(owner, name)
+    if isinstance(default, list):  # n_subspaces (numbers) or layers (names)
+        items = value.split(",")
+        return key, [int(v) for v in items] if all(v.isdigit() for v in items) else items
+    if isinstance(default, bool):
+        return key, value.lower() in ("1", "true", "yes")
+    return key, type(default)(value)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """The options every benchmark takes."""
     p = argparse.ArgumentParser(description=description)

@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import os
 import shlex
 import shutil
@@ -85,6 +86,8 @@ import numpy as np
 from cnp_client.cli import _int_list
 from cnp_core.errors import InvalidSpec
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef, PruneSpec
+
+from .common import spec_setting
 
 
 @dataclass(frozen=True)
@@ -484,23 +487,8 @@ def audit_command(spec: AuditSpec, *, server: str = "", report: Path | None = No
 # ------------------------------------------------------------------ command line
 
 
-def _setting(text: str) -> tuple[str, Any]:
-    """``FIELD=VALUE`` for a top-level AuditSpec field or ``prune.FIELD``, typed by its
-    default (as ``bench.verdicts --set``)."""
-    key, _, value = text.partition("=")
-    owner, name = (PruneSpec(), key[6:]) if key.startswith("prune.") else (AuditSpec(), key)
-    names = {f.name for f in dataclasses.fields(owner)} - {"model", "dataset", "prune"}
-    if name not in names or not value:
-        raise argparse.ArgumentTypeError(
-            f"expected FIELD=VALUE of an AuditSpec field or prune.FIELD, got {text!r}"
-        )
-    default = getattr(owner, name)
-    if isinstance(default, list):
-        items = value.split(",")
-        return key, [int(v) for v in items] if all(v.isdigit() for v in items) else items
-    if isinstance(default, bool):
-        return key, value.lower() in ("1", "true", "yes")
-    return key, type(default)(value)
+# --set FIELD=VALUE of an AuditSpec field or prune.FIELD
+_setting = functools.partial(spec_setting, prune=True)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,8 +22,6 @@ ResNet-18 trains in about 1.5 min on 2 cores, once.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -36,23 +34,7 @@ FLAG_AP = 0.9  # a verdict a gate can rely on: the flagged subspace's test AP_at
 SHORTCUT, CLEAN = 0.95, 0.5  # rho of the two populations
 
 
-def _setting(text: str) -> tuple[str, Any]:
-    """``key=value`` for an AuditSpec field; the value parsed by the field's default type."""
-    from cnp_core.spec import AuditSpec
-
-    key, _, value = text.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(AuditSpec)}
-    if key not in fields or not value:
-        raise argparse.ArgumentTypeError(
-            f"expected FIELD=VALUE of an AuditSpec field, got {text!r}"
-        )
-    default = getattr(AuditSpec(), key)
-    if isinstance(default, list):  # n_subspaces (numbers) or layers (names)
-        items = value.split(",")
-        return key, [int(v) for v in items] if all(v.isdigit() for v in items) else items
-    if isinstance(default, bool):
-        return key, value.lower() in ("1", "true", "yes")
-    return key, type(default)(value)
+_setting = common.spec_setting  # --set FIELD=VALUE of an AuditSpec field
 
 
 def audit_model(bench, settings: dict[str, Any]) -> dict[str, Any]:
