@@ -21,7 +21,6 @@ a rerun reuses a configuration that finished there.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -59,41 +58,35 @@ def run_config(style: str, concept: str, schedule: str, seeds: int, output: Path
     return folder
 
 
-def _mean(rows: list[dict], method: str, rate: float, metric: str) -> float:
-    values = [float(r[metric]) for r in rows if r["method"] == method and float(r["rate"]) == rate]
-    return sum(values) / len(values)
-
-
 def compare(folder: Path, default_rate: float) -> dict[str, Any]:
-    """The configuration's verdict counts and CNP vs LRP at the default and best rates."""
+    """The configuration's verdict counts and CNP vs LRP at the default and best matched
+    rates (:func:`cnp_core.experiment.best_matched`, from its ``rows.csv``)."""
+    from cnp_core.experiment import best_matched, read_rows, summarise
+
     config = json.loads((folder / "config.json").read_text())
     flagged = len(config["seeds"]) - len(config["unflagged"])
     out: dict[str, Any] = {"models": len(config["seeds"]), "flagged": flagged}
     if not (folder / "rows.csv").exists():
         return out
-    with open(folder / "rows.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    unpruned = _mean(rows, "none", 0.0, "balanced_accuracy")
-    at = {}
-    for rate in sorted({float(r["rate"]) for r in rows if r["method"] == "cnp"}):
-        cnp, lrp = (_mean(rows, m, rate, "other_attribute") for m in ("cnp", "lrp"))
-        balanced = _mean(rows, "cnp", rate, "balanced_accuracy")
-        at[rate] = {
-            "cnp": cnp,
-            "lrp": lrp,
-            "gain": cnp - lrp,
-            "cnp_balanced": balanced,
-            "lrp_balanced": _mean(rows, "lrp", rate, "balanced_accuracy"),
-            "matched": balanced >= unpruned - TOLERANCE,
+    summary = summarise(read_rows(folder / "rows.csv"))
+    by = {(s.method, s.rate): s.mean for s in summary}
+    at = {
+        rate: {
+            "cnp": by["cnp", rate]["other_attribute"],
+            "lrp": by["lrp", rate]["other_attribute"],
+            "gain": by["cnp", rate]["other_attribute"] - by["lrp", rate]["other_attribute"],
+            "cnp_balanced": by["cnp", rate]["balanced_accuracy"],
+            "lrp_balanced": by["lrp", rate]["balanced_accuracy"],
         }
-    matched = [rate for rate, r in at.items() if r["matched"]] or list(at)
-    best = max(matched, key=lambda rate: at[rate]["gain"])
+        for method, rate in by
+        if method == "cnp"
+    }
     out.update(
-        unpruned_balanced=unpruned,
-        unpruned_other=_mean(rows, "none", 0.0, "other_attribute"),
+        unpruned_balanced=by["none", 0.0]["balanced_accuracy"],
+        unpruned_other=by["none", 0.0]["other_attribute"],
         rates=at,
         default_rate=default_rate if default_rate in at else None,
-        best_rate=best,
+        best_rate=best_matched(summary, TOLERANCE)["rate"],
     )
     return out
 

@@ -460,6 +460,13 @@ def plot(summary: list[Summary], metric: str, ylabel: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def read_rows(path: Path) -> list[Row]:
+    """The rows :func:`write_outputs` wrote to ``rows.csv``, typed again."""
+    cast = {f.name: {"int": int, "str": str}.get(f.type, float) for f in fields(Row)}
+    with open(path, newline="") as handle:
+        return [Row(**{k: cast[k](v) for k, v in r.items()}) for r in csv.DictReader(handle)]
+
+
 def write_outputs(
     rows: list[Row], config: ExperimentConfig, attribute: str, output: Path
 ) -> dict[str, Path]:
