@@ -81,7 +81,10 @@ def insert_projection(model: nn.Module, projection: Projection) -> nn.Module:
     """
     parent, attr = _parent(model, projection.layer)
     layer = getattr(parent, attr)
-    setattr(parent, attr, nn.Sequential(layer, ConceptProjection(projection.matrix)))
+    # P on the model's device: it is a new module, built on the CPU
+    device = next(model.parameters(), torch.empty(0)).device
+    projected = ConceptProjection(projection.matrix).to(device)
+    setattr(parent, attr, nn.Sequential(layer, projected))
     leaves = list(collect_leaves(model))
     for before, after in zip(leaves, leaves[1:], strict=False):
         if isinstance(before, ConceptProjection) and isinstance(after, _BatchNorm):

@@ -98,7 +98,6 @@ def filter_scores(
     watched = {name: modules[name] for name in layers}  # by identity: names shift below P
     if projection is not None:
         insert_projection(clone, projection)
-        clone.to(device)  # P is a new module: on the CPU until moved
         layer = dict(clone.named_modules())[projection.layer][0]
     scores = {name: torch.zeros(_width(m), dtype=torch.float64) for name, m in watched.items()}
     calls = [0]
