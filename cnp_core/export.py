@@ -291,9 +291,7 @@ def save_compact(
             # An operator ONNX cannot express (e.g. VGG's 7x7 adaptive pool on a 2x2 map
             # at 64 px) costs this one file, not the pruned model in the other formats.
             (directory / ONNX_FILE).unlink(missing_ok=True)
-            reason = (
-                str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            )
+            reason = str(err).strip().split("\n")[0][:200] or type(err).__name__
             warnings.warn(f"no ONNX file for this model: {reason}", stacklevel=2)
     unknown = set(formats) - {"safetensors", "pt2", "onnx"}
     if unknown:

@@ -71,10 +71,10 @@ def average_precision(
         value = float(average_precision_score(target, score))
     low = high = value
     if resamples and np.isfinite(value):
-        rng = np.random.default_rng(seed)
+        rng, chunk = np.random.default_rng(seed), max(1, _CHUNK // n)
         values = []
-        for start in range(0, resamples, max(1, _CHUNK // n)):
-            rows = rng.integers(0, n, size=(min(max(1, _CHUNK // n), resamples - start), n))
+        for start in range(0, resamples, chunk):
+            rows = rng.integers(0, n, size=(min(chunk, resamples - start), n))
             values.append(average_precision_rows(target[rows], score[rows]))
         values = np.concatenate(values)
         values = values[np.isfinite(values)]
