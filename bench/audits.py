@@ -61,27 +61,9 @@ def job_spec(bench, quick: bool = False, dataset: Path | None = None, **override
 
 def cli_arguments(spec) -> list[str]:
     """``cnp audit`` flags that ask for exactly ``spec`` (no pruning)."""
-    m, d = spec.model, spec.dataset
-    args = [
-        "--model", m.architecture, "--weights", m.weights, "--num-classes", str(m.num_classes),
-        "--dataset", d.root, "--input-size", str(d.input_size),
-        "--mean", ",".join(map(str, d.mean)), "--std", ",".join(map(str, d.std)),
-        "--positive-class", str(spec.positive_class), "--negative-class", str(spec.negative_class),
-        "--method", spec.method, "--score", spec.score, "--composite", spec.composite,
-        "--flag-threshold", str(spec.flag_threshold), "--bootstrap", str(spec.bootstrap),
-        "--min-group-size", str(spec.min_group_size),
-        "--positions-per-image", str(spec.positions_per_image),
-        "--fit-images", str(spec.fit_images), "--drsa-restarts", str(spec.drsa_restarts),
-        "--drsa-max-epochs", str(spec.drsa_max_epochs),
-        "--heatmap-samples", str(spec.heatmap_samples), "--batch-size", str(spec.batch_size),
-        "--device", spec.device, "--seed", str(spec.seed),
-    ]  # fmt: skip
-    for layer in spec.layers:
-        args += ["--layer", layer]
-    for attribute in spec.attributes:
-        args += ["--attribute", attribute]
-    args += ["--subspaces", ",".join(map(str, spec.n_subspaces))]
-    return args
+    from cnp_client.cli import spec_arguments
+
+    return spec_arguments(spec)
 
 
 # ------------------------------------------------------------------ scaled datasets

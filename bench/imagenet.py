@@ -83,7 +83,7 @@ from typing import Any
 
 import numpy as np
 
-from cnp_client.cli import _int_list
+from cnp_client.cli import _int_list, spec_arguments
 from cnp_core.errors import InvalidSpec
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef, PruneSpec
 
@@ -443,38 +443,10 @@ _ALWAYS = {
 }
 
 
-def _get(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def cli_arguments(spec: AuditSpec) -> list[str]:
     """The ``cnp audit`` flags that ask for ``spec``: the experiment's fields and every
     field that differs from the defaults, read from the CLI's own flag table."""
-    from cnp_client.cli import SPEC_FLAGS
-
-    defaults = dataclasses.replace(AuditSpec(), prune=PruneSpec())
-    args: list[str] = []
-    for flag in SPEC_FLAGS:
-        if flag.field.startswith("prune.") and spec.prune is None:
-            continue
-        value = _get(spec, flag.field)
-        if flag.field not in _ALWAYS and value == _get(defaults, flag.field):
-            continue
-        action = flag.options.get("action")
-        if action == "store_true":
-            args += [flag.flag] if value else []
-        elif action is argparse.BooleanOptionalAction:
-            args += [flag.flag if value else "--no-" + flag.flag.removeprefix("--")]
-        elif action == "append":
-            for item in value:
-                args += [flag.flag, str(item)]
-        elif isinstance(value, (list, tuple)):
-            args += [flag.flag, ",".join(str(v) for v in value)]
-        else:
-            args += [flag.flag, str(value)]
-    return args
+    return spec_arguments(spec, _ALWAYS)
 
 
 def audit_command(spec: AuditSpec, *, server: str = "", report: Path | None = None) -> list[str]:

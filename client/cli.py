@@ -8,6 +8,7 @@ exits with a code CI can rely on (:data:`EXIT_CODES_HELP`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import queue
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -402,6 +403,38 @@ def spec_from_args(args: argparse.Namespace) -> AuditSpec:
         prune=PruneSpec(**given["prune"]) if given["prune"] else None,
         **given[""],
     )
+
+
+def spec_arguments(spec: AuditSpec, always: Collection[str] = ()) -> list[str]:
+    """The flags that ask for ``spec`` (the inverse of :func:`spec_from_args`): every
+    field that differs from the library's default, and the fields in ``always``."""
+    defaults = dataclasses.replace(AuditSpec(), prune=PruneSpec())
+    args: list[str] = []
+    for flag in SPEC_FLAGS:
+        if flag.field.startswith("prune.") and spec.prune is None:
+            continue
+        value = _field(spec, flag.field)
+        if flag.field not in always and value == _field(defaults, flag.field):
+            continue
+        action = flag.options.get("action")
+        if action == "store_true":
+            args += [flag.flag] if value else []
+        elif action is argparse.BooleanOptionalAction:
+            args += [flag.flag if value else "--no-" + flag.flag.removeprefix("--")]
+        elif action == "append":
+            for item in value:
+                args += [flag.flag, str(item)]
+        elif isinstance(value, (list, tuple)):
+            args += [flag.flag, ",".join(str(v) for v in value)]
+        else:
+            args += [flag.flag, str(value)]
+    return args
+
+
+def _field(spec: AuditSpec, dotted: str) -> Any:
+    for part in dotted.split("."):
+        spec = getattr(spec, part)
+    return spec
 
 
 # --- gates and outputs -------------------------------------------------------------------
