@@ -10,7 +10,13 @@ defaults unless ``--set`` says otherwise) and reports:
   (target: >= 95 %), and of clean models flagged at all (target: 0 %);
 - the spread of the best subspace's AP_attribute and AP_class in each population;
 - how much each model relies on the shortcut (its worst group), so that "shortcut model"
-  is a measured property, not an assumption.
+  is a measured property, not an assumption;
+- the probe ceiling: the AP of a logistic-regression probe for the attribute on the
+  audited layer's pooled activations, with the labels the audit never sees, out of fold
+  over the test split (5 folds; the test split is balanced, so the class cannot stand in
+  for the attribute as it can in training). No linear concept of the layer predicts the attribute much better,
+  so a miss under a ceiling near 0.9 says the layer barely holds the watermark, where a
+  miss under a ceiling of 1.0 is the audit's own.
 
     python -m bench.verdicts --image-size 64 --models 5
     python -m bench.verdicts --image-size 64 --models 5 --set composite=gradient \\
@@ -45,6 +51,7 @@ def audit_model(bench, settings: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:  # the report files are not needed
         spec = bench.audit_spec(bootstrap=0, heatmap_samples=0, **settings)
         result = run_audit(spec, workdir=Path(workdir))
+    seconds = round(time.perf_counter() - started, 1)
     (audit,) = result.attributes
     best = max(audit.subspaces, key=lambda s: s.ap_attribute.value)
     return {
@@ -58,8 +65,42 @@ def audit_model(bench, settings: dict[str, Any]) -> dict[str, Any]:
         ),
         "worst_group": result.before.worst_group_accuracy.value,
         "balanced_accuracy": result.before.balanced_accuracy.value,
-        "seconds": round(time.perf_counter() - started, 1),
+        "probe_ceiling": probe_ceiling(spec, audit.layer),
+        "seconds": seconds,
     }
+
+
+def probe_ceiling(spec, layer: str) -> float:
+    """Out-of-fold AP of a linear probe for the attribute on ``layer``'s activations
+    averaged over positions (what a supervised concept sees), over the test split."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+    from sklearn.model_selection import cross_val_predict
+
+    from cnp_core.data import ImageDataset, load_dataset, make_loader, split_rows
+    from cnp_core.models import load_model
+
+    model = load_model(spec.model).eval()
+    table = load_dataset(spec.dataset, spec.attributes)
+    splits = split_rows(table, spec.seed)
+    pooled: list[torch.Tensor] = []
+    hook = model.get_submodule(layer).register_forward_hook(
+        lambda module, inputs, output: pooled.append(output.mean((2, 3)))
+    )
+
+    try:
+        with torch.no_grad():
+            for images, _ in make_loader(ImageDataset(table, splits.test, spec.dataset), 128):
+                model(images)
+    finally:
+        hook.remove()
+    present = table.is_present(spec.attributes[0])[splits.test]
+    probe = LogisticRegression(max_iter=5000)
+    scores = cross_val_predict(
+        probe, torch.cat(pooled).numpy(), present, cv=5, method="decision_function"
+    )
+    return float(average_precision_score(present, scores))
 
 
 def _spread(values: list[float]) -> str:
@@ -96,7 +137,8 @@ def _measure(
             f"{population}: {len(chosen)} models; best AP_attribute min/median/max "
             f"{_spread([r['ap_attribute'] for r in chosen])}, its AP_class "
             f"{_spread([r['ap_class'] for r in chosen])}; worst group "
-            f"{_spread([r['worst_group'] for r in chosen])}; audit "
+            f"{_spread([r['worst_group'] for r in chosen])}; probe ceiling "
+            f"{_spread([r['probe_ceiling'] for r in chosen])}; audit "
             f"{statistics.median(r['seconds'] for r in chosen):.0f} s (median)"
         )
     print("\n".join(summary))
