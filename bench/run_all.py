@@ -25,6 +25,7 @@ BENCHMARKS = (
     "scale",
     "memory",
     "audit_speed",
+    "submissions",
 )
 
 

@@ -140,8 +140,10 @@ def load_dataset(
     attributes: list[str],
     *,
     allowed_roots: Sequence[PathLike] | None = None,
+    digest: bool = True,
 ) -> ImageTable:
-    """Read and check ``<root>/labels.csv`` and the images it lists; hash them all."""
+    """Read and check ``<root>/labels.csv`` and the image paths it lists; with ``digest``,
+    hash every image (without, the table's digest is empty and no image is read)."""
     if not ref.root:
         raise DatasetError("dataset.root is required")
     root = resolve_inside(ref.root, allowed_roots, "dataset root", DatasetError)
@@ -175,7 +177,7 @@ def load_dataset(
         attributes={
             name: np.array([r[4][i] for r in rows], dtype=str) for i, name in enumerate(attributes)
         },
-        digest=_digest(raw, root, paths),
+        digest=_digest(raw, root, paths) if digest else "",
         max_pixels=ref.max_pixels,
     )
     for name in attributes:

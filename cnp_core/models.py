@@ -15,22 +15,29 @@ import importlib
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import architectures
 from .errors import LayerError, ModelError, UnsafeFile, WeightsMismatch
 from .paths import PathLike, listing, resolve_inside
-from .spec import ModelRef
+from .spec import FACTORY_PATTERN, ModelRef
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict")
+# Largest weights file, and largest total a .pt archive may expand to: VGG-16 is 0.55 GB,
+# the largest torchvision classifiers about 2.5 GB.
+MAX_WEIGHTS_BYTES = 4 << 30
+# torch.save stores its archive members uncompressed: a member that expands more than
+# this is not a torch.save file but a decompression bomb.
+MAX_EXPANSION = 4
 
 # ---------------------------------------------------------------------------- models
 
@@ -44,12 +51,9 @@ def build_model(ref: ModelRef) -> nn.Module:
     return _call_factory(ref.factory, ref.num_classes)
 
 
-_FACTORY = re.compile(r"^(?P<module>\w+(?:\.\w+)*):(?P<attr>\w+(?:\.\w+)*)$")
-
-
 def _call_factory(spec: str, num_classes: int) -> nn.Module:
     """Import ``package.module`` and call ``function(num_classes=N)``."""
-    match = _FACTORY.match(spec.strip())
+    match = FACTORY_PATTERN.match(spec.strip())
     if not match:
         raise ModelError(
             f"factory {spec!r} is not of the form 'package.module:function' "
@@ -63,7 +67,7 @@ def _call_factory(spec: str, num_classes: int) -> nn.Module:
             f"factory {spec!r}: cannot import module {module_name!r} ({err}); "
             "the package must be installed on the server"
         ) from None
-    except Exception as err:  # the module's own top-level code failed
+    except (Exception, SystemExit) as err:  # the module's own top-level code failed
         raise ModelError(
             f"factory {spec!r}: importing {module_name!r} raised {type(err).__name__}: {err}"
         ) from None
@@ -84,7 +88,7 @@ def _call_factory(spec: str, num_classes: int) -> nn.Module:
         raise ModelError(
             f"factory {spec!r} cannot be called as {attr}(num_classes={num_classes}): {err}"
         ) from None
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise ModelError(f"factory {spec!r} raised {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(
@@ -93,8 +97,10 @@ def _call_factory(spec: str, num_classes: int) -> nn.Module:
     return model
 
 
-def read_state_dict(path: Path, shown: str) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file, without running any code stored in it.
+def check_weights_file(path: Path, shown: str, max_bytes: int = MAX_WEIGHTS_BYTES) -> None:
+    """The cheap checks of a weights file, reading its header only (no tensor is loaded):
+    type, size at most ``max_bytes``, a valid safetensors header, or a .pt archive whose
+    members expand neither beyond ``max_bytes`` in all nor ``MAX_EXPANSION`` times each.
 
     ``shown`` is how messages name the file (the path as the user gave it).
     """
@@ -108,9 +114,47 @@ def read_state_dict(path: Path, shown: str) -> dict[str, torch.Tensor]:
             f"weights {shown!r}: unsupported file type {suffix or '(none)'!r}; use "
             f".safetensors or a state_dict saved with torch.save ({', '.join(PICKLE_SUFFIXES)})"
         )
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise ModelError(f"weights file {shown!r} is empty")
+    if size > max_bytes:
+        raise ModelError(f"weights {shown!r} is {_gib(size)}, over this server's {_gib(max_bytes)}")
     if suffix in SAFETENSORS_SUFFIXES:
+        try:  # parses and bounds-checks the header; the tensors stay on disk
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelError(f"weights {shown!r} is not a valid safetensors file: {err}") from None
+    elif zipfile.is_zipfile(path):  # torch.save's format (older ones are plain pickles)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            raise ModelError(f"weights {shown!r} is a corrupt archive: {err}") from None
+        expanded = sum(m.file_size for m in members)
+        if expanded > max_bytes or any(
+            m.file_size > MAX_EXPANSION * max(m.compress_size, 1 << 20) for m in members
+        ):
+            raise ModelError(
+                f"weights {shown!r} expands to {_gib(expanded)}: a compressed archive that "
+                "torch.save does not write (a decompression bomb?); save a plain state_dict"
+            )
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.2f} GiB"
+
+
+def read_state_dict(
+    path: Path, shown: str, max_bytes: int = MAX_WEIGHTS_BYTES
+) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file, checked first (:func:`check_weights_file`), without
+    running any code stored in it.
+
+    ``shown`` is how messages name the file (the path as the user gave it).
+    """
+    check_weights_file(path, shown, max_bytes)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         try:
             loaded: object = load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as err:

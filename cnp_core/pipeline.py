@@ -22,12 +22,12 @@ from .architectures import layer_of
 from .concepts import context_composite, learn_concepts
 from .data import ImageTable, SplitRows, load_dataset, split_rows, validate_images
 from .debias import check_prune, concept_to_remove, debias
-from .errors import DatasetError
+from .errors import DatasetError, ModelError
 from .evaluation import evaluate_table
 from .export import save_pruned
 from .heatmaps import audit_heatmaps
-from .models import load_model
-from .paths import file_sha256
+from .models import check_weights_file, load_model
+from .paths import file_sha256, resolve_inside
 from .report import summary, versions, write_report
 from .results import AuditResult
 from .spec import AuditSpec
@@ -47,6 +47,12 @@ def _load(
         spec.layers = [layer_of(model, spec.dataset.input_size)]
     spec.composite = context_composite(spec)
     table = load_dataset(spec.dataset, spec.attributes, allowed_roots=allowed_roots)
+    _check_classes(spec, table)
+    return model, table, split_rows(table, spec.seed)
+
+
+def _check_classes(spec: AuditSpec, table: ImageTable) -> None:
+    """The labels fit the model's classes, and the audited classes have images."""
     top = int(table.labels.max())
     if top >= spec.model.num_classes:
         raise DatasetError(
@@ -55,13 +61,19 @@ def _load(
     for name, cls in (("positive", spec.positive_class), ("negative", spec.negative_class)):
         if cls >= 0 and not (table.labels == cls).any():
             raise DatasetError(f"the {name} class {cls} has no images in labels.csv")
-    return model, table, split_rows(table, spec.seed)
 
 
 def validate(spec: AuditSpec, allowed_roots: Sequence[Path] | None = None) -> ImageTable:
-    """Fail fast: the checks that need files but no model run (the server calls it on submit)."""
+    """Fail fast and cheaply (the server calls it on submit): the spec, the weights file's
+    size and header, labels.csv and its image paths. Nothing is built, imported, loaded or
+    decoded: the model, its layers and the images are checked when the job runs."""
     spec.validate()
-    return _load(spec, allowed_roots)[1]
+    if spec.model.weights:
+        path = resolve_inside(spec.model.weights, allowed_roots, "weights", ModelError)
+        check_weights_file(path, spec.model.weights)
+    table = load_dataset(spec.dataset, spec.attributes, allowed_roots=allowed_roots, digest=False)
+    _check_classes(spec, table)
+    return table
 
 
 def run_audit(

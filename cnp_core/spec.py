@@ -6,6 +6,7 @@ converter (:mod:`cnp_core.convert`) is the only place that translates between th
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ SCORES = ("share", "raw")
 PRUNE_METHODS = tuple(_CRITERIA_REGISTRY)
 SCHEDULES = ("oneshot", "iterative")
 PRUNE_SCOPES = ("all", "upstream")
+# A model factory: "package.module:function" (the function may be an attribute path).
+FACTORY_PATTERN = re.compile(r"^(?P<module>\w+(?:\.\w+)*):(?P<attr>\w+(?:\.\w+)*)$")
 
 
 @dataclass

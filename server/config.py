@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cnp_core.errors import CnpError
+from cnp_core.spec import FACTORY_PATTERN
 
 
 class ConfigError(CnpError):
@@ -33,6 +34,10 @@ class ServerConfig:
     data_dir: str = ".cnp"
     # Model weights and dataset directories must lie under one of these.
     allow_roots: list[str] = field(default_factory=list)
+    # Model factories ("package.module:function") a request may name. None by default:
+    # the server process never imports code a request names; a worker imports a listed one.
+    allow_factories: list[str] = field(default_factory=list)
+    max_weights_bytes: int = 4 << 30  # a larger weights file is refused at submission
     database_url: str = ""  # default: sqlite:///DATA_DIR/jobs.db
     # MLflow: default sqlite:///DATA_DIR/mlflow.db with artifacts in DATA_DIR/mlartifacts.
     tracking_enabled: bool = True
@@ -113,6 +118,13 @@ class ServerConfig:
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ConfigError(f"{name}: no such file {value}")
+        for entry in self.allow_factories:
+            if not FACTORY_PATTERN.match(entry):
+                raise ConfigError(
+                    f"allow_factories: {entry!r} is not of the form 'package.module:function'"
+                )
+        if self.max_weights_bytes < 1:
+            raise ConfigError("max_weights_bytes must be >= 1")
         if self.max_queued < 1 or self.max_attempts < 1 or self.workers < 0:
             raise ConfigError("max_queued and max_attempts must be >= 1, workers >= 0")
         if not 1024 <= self.artifact_chunk_bytes <= self.max_message_bytes - 1024:
@@ -192,6 +204,13 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         metavar="DIR",
         help="directory that model and dataset paths must lie under (repeatable)",
+    )
+    p.add_argument(
+        "--allow-factory",
+        dest="allow_factories",
+        action="append",
+        metavar="MODULE:FUNCTION",
+        help="model factory a request may name, run in a worker (repeatable; default none)",
     )
     p.add_argument("--database-url", dest="database_url", help="SQLAlchemy URL of the job store")
     p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")

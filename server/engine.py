@@ -26,6 +26,7 @@ from cnp_core.errors import InvalidSpec
 from cnp_core.results import AuditResult
 from cnp_core.spec import CONCEPT_METHODS, PRUNE_METHODS, SCHEDULES, SCORES, AuditSpec
 
+from .config import ServerConfig
 from .errors import PermissionDenied
 
 REQUIRED = ("validate", "run_audit", "capabilities")
@@ -47,15 +48,21 @@ def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
-def check_paths(spec: AuditSpec, allowed_roots: Sequence[Path]) -> None:
-    """Model weights and dataset root must be absolute and lie under an allowed root.
-
-    Symlinks are resolved first, so a link inside a root that points outside is refused.
-    """
+def check_references(spec: AuditSpec, config: ServerConfig) -> None:
+    """What the operator allows, checked without importing or reading anything a request
+    names: a factory only when listed in ``allow_factories``; weights and dataset paths
+    absolute and under an allowed root (symlinks resolved first, so a link inside a root
+    that points outside is refused); a weights file no larger than ``max_weights_bytes``."""
+    factory = spec.model.factory.strip()
+    if factory and factory not in config.allow_factories:
+        raise PermissionDenied(
+            f"model.factory {factory!r} is not allowed on this server: factories run only when "
+            "the operator lists them (allow_factories, --allow-factory); name an architecture"
+        )
     named = [("dataset.root", spec.dataset.root)]
     if spec.model.weights and not spec.model.weights.startswith(_URI_PREFIXES):
         named.append(("model.weights", spec.model.weights))
-    roots = [Path(r).resolve() for r in allowed_roots]
+    roots = [Path(r).resolve() for r in config.allow_roots]
     for field, value in named:
         if not value:
             continue
@@ -66,8 +73,16 @@ def check_paths(spec: AuditSpec, allowed_roots: Sequence[Path]) -> None:
                 f"{field}: this server allows no model or dataset paths; "
                 "start it with --allow-root DIR"
             )
-        if not _inside(Path(value).resolve(), roots):
+        resolved = Path(value).resolve()
+        if not _inside(resolved, roots):
             raise PermissionDenied(f"{field} {value!r} is not under an allowed root of this server")
+        if field == "model.weights" and resolved.is_file():
+            size = resolved.stat().st_size
+            if size > config.max_weights_bytes:
+                raise InvalidSpec(
+                    f"model.weights {value!r} is {size / (1 << 30):.2f} GiB, over this server's "
+                    f"limit of {config.max_weights_bytes / (1 << 30):.2f} GiB (max_weights_bytes)"
+                )
 
 
 # --- the default engine: cnp_core.pipeline ------------------------------------------------

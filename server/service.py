@@ -23,7 +23,7 @@ from cnp_core.errors import CnpError
 
 from . import __version__, convert
 from .config import ServerConfig
-from .engine import check_paths
+from .engine import check_references
 from .errors import (
     BadRequest,
     NotFound,
@@ -112,7 +112,7 @@ class ConceptAuditServicer(service_pb2_grpc.ConceptAuditServicer):
                 return convert.operation_of(existing)
         try:
             spec.validate()
-            check_paths(spec, [Path(r) for r in s.config.allow_roots])
+            check_references(spec, s.config)
             s.engine.validate(spec, [Path(r) for r in s.config.allow_roots])
         except Exception as exc:
             code, message = classify(exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from cnp_core.architectures import ARCHITECTURES
 from cnp_core.data import ImageDataset, load_dataset, make_loader, validate_images
 from cnp_core.errors import DatasetError, LayerError, ModelError, UnsafeFile, WeightsMismatch
 from cnp_core.models import (
+    check_weights_file,
     get_layer,
     layer_names,
     load_model,
@@ -28,6 +30,10 @@ from cnp_core.models import (
 )
 from cnp_core.paths import file_sha256, file_stem
 from cnp_core.spec import DatasetRef, ModelRef
+
+# bench/ is a top-level folder of the repository, not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.submissions import zip_bomb  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -162,6 +168,22 @@ def test_unusable_weights_files(tmp_path, resnet, name, write, expected):
     assert repr(str(path)) in str(err.value)  # named as given
 
 
+def test_decompression_bombs_are_refused_from_the_archive_directory(tmp_path, resnet):
+    bomb = tmp_path / "bomb.pt"
+    zip_bomb(bomb, 64 << 20)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(ModelError, match="decompression bomb"):
+        check_weights_file(bomb, "bomb.pt")
+    with pytest.raises(ModelError, match="decompression bomb"):
+        load_model(ModelRef(architecture="resnet18", weights=str(bomb)))
+    # torch.save's own archives pass, as do files up to the cap
+    saved = tmp_path / "saved.pt"
+    torch.save(resnet.state_dict(), saved)
+    check_weights_file(saved, "saved.pt")
+    with pytest.raises(ModelError, match="over this server's"):
+        check_weights_file(saved, "saved.pt", max_bytes=saved.stat().st_size - 1)
+
+
 def test_missing_weights_file(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         load_model(ModelRef(architecture="resnet18", weights=str(tmp_path / "nope.pt")))
@@ -254,6 +276,8 @@ def test_factory_from_an_installed_package(tmp_path, resnet, probe):
         ("math:pi", "'pi' is a float, not a callable"),
         ("math:floor", "cannot be called as floor(num_classes=2)"),
         ("builtins:dict", "returned a dict, not a torch.nn.Module"),
+        # tests/hostile_factory.py raises SystemExit on import: an error, not an exit
+        ("hostile_factory:make", "importing 'hostile_factory' raised SystemExit: 3"),
     ],
 )
 def test_factory_errors(factory, expected):
@@ -360,6 +384,27 @@ def test_load_dataset(data):
         table.is_present("group")
     assert table.root == data.resolve() and len(table.digest) == 64
     assert load_dataset(_ref(data), []).digest == table.digest
+
+
+def test_submission_checks_read_headers_and_the_csv_only(data, tmp_path):
+    """pipeline.validate (what the server runs on submit) builds, imports, loads and
+    decodes nothing: a factory whose import exits and an undecodable image both pass it,
+    and a decompression bomb is refused from its archive directory."""
+    from cnp_core.pipeline import validate
+    from cnp_core.spec import AuditSpec
+
+    (data / "img" / "a5.png").write_bytes(b"not an image")  # decoded only when the job runs
+    spec = AuditSpec(
+        model=ModelRef(factory="hostile_factory:make"),
+        dataset=_ref(data),
+        attributes=["watermark"],
+    )
+    assert validate(spec).digest == ""  # no image was read to hash it
+    bomb = tmp_path / "bomb.pt"
+    zip_bomb(bomb, 64 << 20)
+    spec.model = ModelRef(architecture="resnet18", weights=str(bomb))
+    with pytest.raises(ModelError, match="decompression bomb"):
+        validate(spec)
 
 
 def test_binary_spellings_are_case_insensitive(data):

@@ -52,9 +52,12 @@ def server(tmp_path_factory, bench, crafted):
         tmp_path_factory.mktemp("data"),
         [bench.dataset.parent, crafted],
         engine="cnp_server.engine",
-        settings={"tracking_retry_seconds": 5},
+        settings={"tracking_retry_seconds": 5, "allow_factories": "hostile_factory:make"},
     )
-    yield process.start()
+    with pytest.MonkeyPatch.context() as patch:  # the environment the server starts with
+        patch.setenv("CNP_HOSTILE_SENTINEL", str(crafted / "imported-by"))
+        process.start()
+    yield process
     process.stop()
 
 
@@ -187,6 +190,26 @@ def test_bad_inputs_fail_with_invalid_argument_then_a_good_audit_succeeds(client
     assert set(data["timings"]) >= {"load", "collect", "fit", "audit"}
     names = [a.name for a in report.artifacts]
     assert any(n.startswith("heatmap") for n in names)
+
+
+def test_factories_run_only_when_listed_and_only_in_a_worker(client, server, bench, crafted):
+    imported_by = crafted / "imported-by"
+    unlisted = _spec(bench)
+    unlisted.model.architecture, unlisted.model.factory = "", "hostile_factory:other"
+    unlisted.model.weights = ""
+    with pytest.raises(ServiceError) as refused:
+        client.submit(unlisted)
+    assert refused.value.code == "PERMISSION_DENIED" and "allow_factories" in refused.value.message
+    assert not imported_by.exists()  # refused by name, nothing imported
+
+    # Listed by the operator: imported in a worker, whose SystemExit fails the job cleanly.
+    listed = _spec(bench)
+    listed.model.architecture, listed.model.factory = "", "hostile_factory:make"
+    job = client.wait(client.submit(listed).id, timeout=300)
+    assert (job.state, job.error_code) == ("FAILED", "INVALID_ARGUMENT")
+    assert "SystemExit" in job.error_message and "Traceback" not in job.error_message
+    importers = {int(line) for line in imported_by.read_text().split()}
+    assert importers and server.process.pid not in importers
 
 
 def test_pruning_through_the_service_and_the_model_in_mlflow(client, server, bench, tmp_path):

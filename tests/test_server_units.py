@@ -20,7 +20,7 @@ from cnp_core.errors import DatasetError, InvalidSpec
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
 from cnp_server.auth import ensure_token
 from cnp_server.config import ConfigError, ServerConfig, load_config, mask_url
-from cnp_server.engine import check_paths
+from cnp_server.engine import check_references
 from cnp_server.errors import BadRequest, NotFound, PermissionDenied, QueueFull, classify
 from cnp_server.executor import LocalExecutor
 from cnp_server.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TRACKING_PENDING
@@ -206,19 +206,40 @@ def test_paths_must_stay_under_an_allowed_root(tmp_path):
     allowed.mkdir()
     outside.mkdir()
     (allowed / "w.safetensors").write_bytes(b"x")
-    check_paths(_spec(str(allowed / "w.safetensors"), str(allowed)), [allowed])
-    check_paths(_spec("models:/m/1", str(allowed)), [allowed])  # MLflow URIs are not paths
+    config = ServerConfig(allow_roots=[str(allowed)])
+    check_references(_spec(str(allowed / "w.safetensors"), str(allowed)), config)
+    check_references(_spec("models:/m/1", str(allowed)), config)  # MLflow URIs are not paths
     with pytest.raises(PermissionDenied, match="not under an allowed root"):
-        check_paths(_spec(str(outside / "w.pt"), str(allowed)), [allowed])
+        check_references(_spec(str(outside / "w.pt"), str(allowed)), config)
     with pytest.raises(PermissionDenied, match="not under an allowed root"):
-        check_paths(_spec(str(allowed / "w.pt"), str(allowed / ".." / "outside")), [allowed])
+        check_references(_spec(str(allowed / "w.pt"), str(allowed / ".." / "outside")), config)
     (allowed / "escape").symlink_to(outside)
     with pytest.raises(PermissionDenied):
-        check_paths(_spec(str(allowed / "w.pt"), str(allowed / "escape")), [allowed])
+        check_references(_spec(str(allowed / "w.pt"), str(allowed / "escape")), config)
     with pytest.raises(InvalidSpec, match="absolute"):
-        check_paths(_spec("w.pt", str(allowed)), [allowed])
+        check_references(_spec("w.pt", str(allowed)), config)
     with pytest.raises(PermissionDenied, match="--allow-root"):
-        check_paths(_spec(str(allowed / "w.pt"), str(allowed)), [])
+        check_references(_spec(str(allowed / "w.pt"), str(allowed)), ServerConfig())
+
+
+def test_weights_over_the_operators_size_limit_are_refused_by_their_size(tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"x" * 2048)
+    spec = _spec(str(tmp_path / "w.pt"), str(tmp_path))
+    check_references(spec, ServerConfig(allow_roots=[str(tmp_path)], max_weights_bytes=2048))
+    small = ServerConfig(allow_roots=[str(tmp_path)], max_weights_bytes=2047)
+    with pytest.raises(InvalidSpec, match="max_weights_bytes"):
+        check_references(spec, small)
+
+
+def test_factories_run_only_when_the_operator_lists_them(tmp_path):
+    spec = _spec("", str(tmp_path))
+    spec.model.architecture, spec.model.factory = "", "hostile_factory:make"
+    with pytest.raises(PermissionDenied, match="allow_factories"):
+        check_references(spec, ServerConfig(allow_roots=[str(tmp_path)]))
+    listed = ServerConfig(allow_roots=[str(tmp_path)], allow_factories=["hostile_factory:make"])
+    check_references(spec, listed)  # allowed by name; nothing is imported here either
+    with pytest.raises(ConfigError, match="package.module:function"):
+        ServerConfig(allow_factories=["../evil.py"]).validate()
 
 
 def test_token_file_is_private_and_stable(tmp_path):
