@@ -166,6 +166,7 @@ def load_dataset(
         raise DatasetError(
             f"labels.csv is not UTF-8 text ({err.reason} at byte {err.start})"
         ) from None
+    _refuse_control_characters(text)
     rows = _parse_csv(text, attributes)
     paths = [r[0] for r in rows]
     _check_paths(root, paths, [r[3] for r in rows])
@@ -191,6 +192,21 @@ def load_dataset(
 
 # One parsed row: path, label, split, line number, requested attribute values.
 _Row = tuple[str, int, str, int, list[str]]
+
+
+# Control characters other than tab and line breaks: no image path or attribute value
+# needs one, and they make paths fail (NUL) or reports misleading (terminal escapes).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _refuse_control_characters(text: str) -> None:
+    found = _CONTROL.search(text)
+    if found:
+        line = text.count("\n", 0, found.start()) + 1
+        raise DatasetError(
+            f"labels.csv line {line}: control character U+{ord(found.group()):04X}; "
+            "paths and attribute values must be printable text"
+        )
 
 
 def _parse_csv(text: str, attributes: list[str]) -> list[_Row]:

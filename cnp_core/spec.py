@@ -23,6 +23,32 @@ PRUNE_SCOPES = ("all", "upstream")
 # A model factory: "package.module:function" (the function may be an attribute path).
 FACTORY_PATTERN = re.compile(r"^(?P<module>\w+(?:\.\w+)*):(?P<attr>\w+(?:\.\w+)*)$")
 
+# Every size a request sets is bounded: memory and time per job stay predictable, and a
+# typo (1e9 resamples) fails at once with the range instead of running for days.
+MAX_LIST, MAX_NAME, MAX_SUBSPACES = 16, 256, 512
+AUDIT_BOUNDS = {
+    "positions_per_image": (1, 1024),
+    "fit_images": (1, 100_000),
+    "drsa_restarts": (1, 16),
+    "drsa_max_epochs": (1, 20_000),
+    "bootstrap": (0, 10_000),
+    "min_group_size": (1, 1_000_000),
+    "heatmap_samples": (0, 64),
+    "batch_size": (1, 1024),
+}
+PRUNE_BOUNDS = {
+    "steps": (1, 100),
+    "finetune_epochs": (0, 1000),
+    "reference_per_class": (1, 10_000),
+}
+
+
+def _check_bounds(owner: Any, bounds: dict[str, tuple[int, int]], prefix: str = "") -> None:
+    for name, (low, high) in bounds.items():
+        value = getattr(owner, name)
+        if not low <= value <= high:
+            raise InvalidSpec(f"{prefix}{name} must lie in [{low}, {high}], got {value}")
+
 
 @dataclass
 class ModelRef:
@@ -89,10 +115,7 @@ class PruneSpec:
             raise InvalidSpec(
                 f"prune.scope must be one of {', '.join(PRUNE_SCOPES)}, got {self.scope!r}"
             )
-        if self.steps < 1 or self.finetune_epochs < 0 or self.reference_per_class < 1:
-            raise InvalidSpec(
-                "prune.steps and prune.reference_per_class must be >= 1, finetune_epochs >= 0"
-            )
+        _check_bounds(self, PRUNE_BOUNDS, "prune.")
         if self.schedule == "oneshot" and self.steps != 1:
             raise InvalidSpec("prune.steps > 1 needs schedule 'iterative'")
         if self.learning_rate <= 0:
@@ -142,8 +165,6 @@ class AuditSpec:
             raise InvalidSpec("model: give an architecture name or a factory 'module:function'")
         if self.model.architecture and self.model.factory:
             raise InvalidSpec("model: give an architecture or a factory, not both")
-        if self.model.num_classes < 2:
-            raise InvalidSpec(f"model.num_classes must be at least 2, got {self.model.num_classes}")
         if not self.dataset.root:
             raise InvalidSpec("dataset.root is required")
         if not 8 <= self.dataset.input_size <= 1024:
@@ -164,8 +185,19 @@ class AuditSpec:
             )
         if self.score not in SCORES:
             raise InvalidSpec(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        if not self.n_subspaces or any(k < 1 for k in self.n_subspaces):
-            raise InvalidSpec("n_subspaces: give one or more positive numbers of subspaces")
+        if not 1 <= len(self.n_subspaces) <= MAX_LIST or not all(
+            1 <= k <= MAX_SUBSPACES for k in self.n_subspaces
+        ):
+            raise InvalidSpec(
+                f"n_subspaces: give 1 to {MAX_LIST} numbers of subspaces, each in "
+                f"[1, {MAX_SUBSPACES}], got {self.n_subspaces}"
+            )
+        for name in ("layers", "attributes"):
+            names = getattr(self, name)
+            if len(names) > MAX_LIST or any(len(n) > MAX_NAME for n in names):
+                raise InvalidSpec(
+                    f"{name}: at most {MAX_LIST} names of at most {MAX_NAME} characters each"
+                )
         if not 0 <= self.positive_class < self.model.num_classes:
             raise InvalidSpec(
                 f"positive_class {self.positive_class} is not a class of a "
@@ -177,17 +209,9 @@ class AuditSpec:
             raise InvalidSpec("negative_class must differ from positive_class")
         if not 0.0 < self.flag_threshold <= 1.0:
             raise InvalidSpec("flag_threshold must lie in (0, 1]")
-        for name in (
-            "positions_per_image",
-            "fit_images",
-            "drsa_restarts",
-            "drsa_max_epochs",
-            "batch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise InvalidSpec(f"{name} must be at least 1")
-        if self.bootstrap < 0 or self.min_group_size < 1 or self.heatmap_samples < 0:
-            raise InvalidSpec("bootstrap, heatmap_samples must be >= 0 and min_group_size >= 1")
+        _check_bounds(self, AUDIT_BOUNDS)
+        _check_bounds(self.model, {"num_classes": (2, 100_000)}, "model.")
+        _check_bounds(self.dataset, {"max_pixels": (1, 1 << 30)}, "dataset.")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise InvalidSpec(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.prune is not None:

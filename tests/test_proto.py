@@ -127,6 +127,53 @@ def test_bad_spec_values_raise_invalid_spec():
         convert.spec_from_proto(message).validate()
 
 
+def _valid_spec() -> AuditSpec:
+    return AuditSpec(
+        model=ModelRef(architecture="resnet18"), dataset=DatasetRef(root="/d"), attributes=["wm"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda s: setattr(s, "bootstrap", 10**9),
+            "bootstrap must lie in [0, 10000], got 1000000000",
+        ),
+        (
+            lambda s: setattr(s, "positions_per_image", 4096),
+            "positions_per_image must lie in [1, 1024]",
+        ),
+        (lambda s: setattr(s, "fit_images", 0), "fit_images must lie in [1, 100000], got 0"),
+        (lambda s: setattr(s, "n_subspaces", [10**6]), "n_subspaces: give 1 to 16 numbers"),
+        (lambda s: setattr(s, "n_subspaces", list(range(1, 40))), "each in [1, 512]"),
+        (lambda s: setattr(s, "batch_size", 10**6), "batch_size must lie in [1, 1024]"),
+        (lambda s: setattr(s, "drsa_max_epochs", 10**7), "drsa_max_epochs must lie in [1, 20000]"),
+        (lambda s: setattr(s, "heatmap_samples", 10**4), "heatmap_samples must lie in [0, 64]"),
+        (lambda s: setattr(s, "attributes", ["a" * 300]), "at most 256 characters"),
+        (
+            lambda s: setattr(s.model, "num_classes", 10**9),
+            "model.num_classes must lie in [2, 100000]",
+        ),
+        (
+            lambda s: setattr(s, "prune", PruneSpec(finetune_epochs=10**6, schedule="iterative")),
+            "prune.finetune_epochs must lie in [0, 1000]",
+        ),
+        (
+            lambda s: setattr(s, "prune", PruneSpec(steps=10**4, schedule="iterative")),
+            "prune.steps must lie in [1, 100]",
+        ),
+    ],
+)
+def test_every_size_a_request_sets_is_bounded(change, expected):
+    spec = _valid_spec()
+    assert spec.validate() is spec  # the defaults lie inside every bound
+    change(spec)
+    with pytest.raises(InvalidSpec) as err:
+        spec.validate()
+    assert expected in str(err.value)
+
+
 @pytest.mark.parametrize("prune", [False, True])
 def test_result_round_trip_without_server_paths(prune):
     result = _result(prune)
