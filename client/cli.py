@@ -136,7 +136,17 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
         help="bearer token file (default: $CNP_TOKEN, else $CNP_TOKEN_FILE, else "
         "$CNP_DATA_DIR/token or .cnp/token when present)",
     )
-    group.add_argument("--ca-cert", metavar="F", help="PEM root certificates: connect with TLS")
+    group.add_argument(
+        "--tls-ca",
+        "--ca-cert",
+        dest="tls_ca",
+        metavar="F",
+        help="PEM root certificates of the server: connect with TLS",
+    )
+    group.add_argument(
+        "--tls-cert", metavar="F", help="PEM client certificate, for a server that asks (mTLS)"
+    )
+    group.add_argument("--tls-key", metavar="F", help="PEM private key of --tls-cert")
     group.add_argument(
         "--timeout", type=float, default=30.0, metavar="S", help="deadline of each call (seconds)"
     )
@@ -628,19 +638,33 @@ def _client(args: argparse.Namespace) -> AuditClient:
         token_file, source = os.environ.get("CNP_TOKEN_FILE"), "CNP_TOKEN_FILE"
     if token_file and not Path(token_file).expanduser().is_file():
         raise CliError(f"token file not found ({source}): {token_file}")
-    root_certificates = None
-    if args.ca_cert:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CliError("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        raise CliError("--tls-cert needs --tls-ca: client certificates are sent over TLS only")
+    pem: dict[str, bytes | None] = {}
+    for flag, name in (
+        ("--tls-ca", "tls_ca"),
+        ("--tls-cert", "tls_cert"),
+        ("--tls-key", "tls_key"),
+    ):
         try:
-            root_certificates = Path(args.ca_cert).expanduser().read_bytes()
+            value = getattr(args, name)
+            pem[name] = Path(value).expanduser().read_bytes() if value else None
         except OSError as err:
-            raise CliError(f"--ca-cert: {err}") from None
-    return AuditClient(
-        args.server,
-        token_file=args.token_file,
-        root_certificates=root_certificates,
-        timeout=args.timeout,
-        retries=args.retries,
-    )
+            raise CliError(f"{flag}: {err.strerror}: {value}") from None
+    try:
+        return AuditClient(
+            args.server,
+            token_file=args.token_file,
+            root_certificates=pem["tls_ca"],
+            client_certificate=pem["tls_cert"],
+            client_key=pem["tls_key"],
+            timeout=args.timeout,
+            retries=args.retries,
+        )
+    except PermissionError as err:  # a token file others can read
+        raise CliError(str(err)) from None
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
 from cnp_core import convert
+from cnp_core.paths import read_secret
 from cnp_core.results import AuditResult
 from cnp_core.spec import AuditSpec
 
@@ -333,6 +334,13 @@ class AuditReportView:
 # --- the client -----------------------------------------------------------------------
 
 
+def _pem(value: bytes | str | os.PathLike | None) -> bytes | None:
+    """PEM bytes as given, or read from a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).expanduser().read_bytes()
+
+
 def default_token(
     token: str | None = None, token_file: str | os.PathLike | None = None
 ) -> str | None:
@@ -341,20 +349,23 @@ def default_token(
     if token:
         return token
     if token_file:
-        return Path(token_file).expanduser().read_text().strip()
+        return read_secret(token_file, "token file", PermissionError)
     if os.environ.get("CNP_TOKEN"):
         return os.environ["CNP_TOKEN"]
     if os.environ.get("CNP_TOKEN_FILE"):
-        return Path(os.environ["CNP_TOKEN_FILE"]).expanduser().read_text().strip()
+        return read_secret(os.environ["CNP_TOKEN_FILE"], "token file", PermissionError)
     local = Path(os.environ.get("CNP_DATA_DIR", ".cnp")).expanduser() / "token"
-    return local.read_text().strip() if local.is_file() else None
+    return read_secret(local, "token file", PermissionError) if local.is_file() else None
 
 
 class AuditClient:
     """A connection to one cnp server.
 
-    ``root_certificates`` (PEM bytes or a file path) switches to TLS; ``timeout`` bounds
-    every unary call; ``retries`` is how often an UNAVAILABLE call is tried again.
+    ``root_certificates`` (PEM bytes or a file path) switches to TLS; with
+    ``client_certificate`` and ``client_key`` (PEM bytes or paths) the client proves its
+    identity too, for a server that requires client certificates (mutual TLS).
+    ``timeout`` bounds every unary call; ``retries`` is how often an UNAVAILABLE call is
+    tried again.
     """
 
     def __init__(
@@ -364,6 +375,8 @@ class AuditClient:
         token: str | None = None,
         token_file: str | os.PathLike | None = None,
         root_certificates: bytes | str | os.PathLike | None = None,
+        client_certificate: bytes | str | os.PathLike | None = None,
+        client_key: bytes | str | os.PathLike | None = None,
         timeout: float = 30.0,
         retries: int = 3,
         backoff: float = 0.5,
@@ -376,11 +389,17 @@ class AuditClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if (client_certificate is None) != (client_key is None):
+            raise ValueError("client_certificate and client_key go together")
         if root_certificates is not None:
-            if not isinstance(root_certificates, bytes):
-                root_certificates = Path(root_certificates).read_bytes()
-            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(root_certificates),
+                private_key=_pem(client_key),
+                certificate_chain=_pem(client_certificate),
+            )
             self._channel = grpc.secure_channel(address, credentials, options=options)
+        elif client_certificate is not None:
+            raise ValueError("a client certificate needs TLS: give root_certificates too")
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._audit = service_pb2_grpc.ConceptAuditStub(self._channel)

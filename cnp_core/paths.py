@@ -50,10 +50,36 @@ def resolve_inside(
     return resolved
 
 
+def read_secret(path: PathLike, what: str, error: type[Exception]) -> str:
+    """The stripped text of a secret file (a bearer token) that only its owner can read.
+
+    As ssh does with private keys, a file that the group or others may read or write is
+    refused: the secret may already have leaked, and using it would hide that.
+    """
+    path = Path(path).expanduser()
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise error(
+            f"{what} {path} is accessible by others (mode {mode:04o}); "
+            f"make it private: chmod 600 {path}"
+        )
+    return path.read_text().strip()
+
+
 def file_sha256(path: PathLike) -> str:
     """Hex SHA-256 of a file, read in chunks (weights files can be gigabytes)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def inside(directory: PathLike, relative: str) -> Path:
+    """``directory / relative``, checked to resolve inside ``directory`` (symlinks
+    followed): the last guard before a job writes a file whose name it was given."""
+    base = Path(directory).resolve()
+    path = None if "\0" in relative else (base / relative).resolve()  # NUL: no path at all
+    if path is None or path == base or not path.is_relative_to(base):
+        raise CnpError(f"refusing to write {relative!r}: it leaves the job directory")
+    return path
 
 
 def file_stem(*names: str) -> str:

@@ -16,15 +16,20 @@ from typing import Any
 
 import grpc
 
+from cnp_core.paths import read_secret
+
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def ensure_token(path: Path) -> str:
-    """The token stored at ``path``; a new random one (file mode 0600) when absent."""
+    """The token stored at ``path``; a new random one (file mode 0600) when absent. An
+    existing token file that others may read is refused (:func:`read_secret`)."""
     if path.is_file():
-        token = path.read_text().strip()
+        token = read_secret(path, "token file", ConfigError)
         if token:
             return token
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -189,8 +189,12 @@ def test_refused_submissions_exit_2(server, refs, tmp_path, capsys):
 
     wrong = tmp_path / "token"
     wrong.write_text("not-the-token\n")
+    wrong.chmod(0o644)  # readable by others: refused before it is sent, as ssh does
     args = audit_args(server, refs)
     args[args.index("--token-file") + 1] = str(wrong)
+    assert main(args) == 2
+    assert "accessible by others (mode 0644)" in capsys.readouterr().err
+    wrong.chmod(0o600)
     assert main(args) == 2
     assert "UNAUTHENTICATED" in capsys.readouterr().err
 

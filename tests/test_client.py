@@ -75,10 +75,15 @@ def test_token_lookup_order(tmp_path, monkeypatch):
     assert default_token() is None
     (tmp_path / ".cnp").mkdir()
     (tmp_path / ".cnp" / "token").write_text("local\n")
+    (tmp_path / ".cnp" / "token").chmod(0o604)
+    with pytest.raises(PermissionError, match="accessible by others"):
+        default_token()  # a token others can read is refused, as ssh refuses such a key
+    (tmp_path / ".cnp" / "token").chmod(0o600)
     assert default_token() == "local"  # the embedded server's token in ./.cnp
     monkeypatch.setenv("CNP_DATA_DIR", str(tmp_path / "elsewhere"))
     assert default_token() is None
     (tmp_path / "file").write_text("from-file\n")
+    (tmp_path / "file").chmod(0o600)
     monkeypatch.setenv("CNP_TOKEN_FILE", str(tmp_path / "file"))
     assert default_token() == "from-file"
     monkeypatch.setenv("CNP_TOKEN", "from-env")

@@ -247,6 +247,9 @@ def test_token_file_is_private_and_stable(tmp_path):
     token = ensure_token(path)
     assert len(token) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert ensure_token(path) == token
+    path.chmod(0o640)  # a token the group can read may have leaked: refused, not reused
+    with pytest.raises(ConfigError, match="chmod 600"):
+        ensure_token(path)
 
 
 def test_the_shipped_example_configuration_loads():
