@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from .concepts import ConceptAudit, context_composite  # noqa: E402
 from .data import ImageDataset, ImageTable, SplitRows  # noqa: E402
 from .lrp import Explainer  # noqa: E402
-from .paths import file_stem  # noqa: E402
+from .paths import file_stem, inside  # noqa: E402
 from .spec import AuditSpec  # noqa: E402
 
 
@@ -102,9 +102,8 @@ def audit_heatmaps(
             shown = (images * std + mean).permute(0, 2, 3, 1).numpy()
             captions = [f"class {table.labels[i]}" for i in chosen]
             # Attribute values come from labels.csv: they name the file only through file_stem.
-            name = f"heatmaps/{file_stem(audit.attribute + '=' + audit.value, audit.layer)}.png"
-            save_heatmap_grid(shown, maps, directory / name, captions)
-            artifacts[f"heatmap:{audit.attribute}={audit.value}:{audit.layer}"] = str(
-                directory / name
-            )
+            stem = file_stem(audit.attribute + "=" + audit.value, audit.layer)
+            path = inside(directory, f"heatmaps/{stem}.png")
+            save_heatmap_grid(shown, maps, path, captions)
+            artifacts[f"heatmap:{audit.attribute}={audit.value}:{audit.layer}"] = str(path)
     return artifacts

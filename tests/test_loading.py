@@ -19,7 +19,14 @@ from torch import nn
 
 from cnp_core.architectures import ARCHITECTURES
 from cnp_core.data import ImageDataset, load_dataset, make_loader, validate_images
-from cnp_core.errors import DatasetError, LayerError, ModelError, UnsafeFile, WeightsMismatch
+from cnp_core.errors import (
+    CnpError,
+    DatasetError,
+    LayerError,
+    ModelError,
+    UnsafeFile,
+    WeightsMismatch,
+)
 from cnp_core.models import (
     check_weights_file,
     get_layer,
@@ -28,7 +35,7 @@ from cnp_core.models import (
     read_state_dict,
     save_weights,
 )
-from cnp_core.paths import file_sha256, file_stem
+from cnp_core.paths import file_sha256, file_stem, inside
 from cnp_core.spec import DatasetRef, ModelRef
 
 # bench/ is a top-level folder of the repository, not an installed package.
@@ -471,6 +478,14 @@ def test_digest_changes_with_one_image_byte_and_with_the_csv(data):
             ["watermark"],
             "attribute 'watermark' has only the value '0': nothing to audit",
         ),
+        # NUL made a path fail deep inside (INTERNAL); a terminal escape would reach reports
+        (
+            "path,label,split",
+            ["img/a0.png,0,train", "img/a1\x00.png,1,test"],
+            [],
+            "line 3: control character U+0000",
+        ),
+        ("path,label,split,wm", ["img/a0.png,0,train,\x1b[31m"], ["wm"], "U+001B"),
     ],
 )
 def test_bad_labels_csv(data, header, rows, attributes, expected):
@@ -630,12 +645,33 @@ def test_truncated_and_non_images(data):
 
 @pytest.mark.parametrize(
     "names",
-    [("../../etc/passwd",), ("/abs/x", "layer3"), ("..", ".."), ("a/b=c", "layer2.0"), ("",)],
+    [
+        ("../../etc/passwd",),
+        ("/abs/x", "layer3"),
+        ("..", ".."),
+        ("a/b=c", "layer2.0"),
+        ("",),
+        ("x\x00y",),
+        ("C:\\evil\\x",),
+        ("w" * 300, "layer" * 60),
+        ("Wasserzeichen-ü", "层"),
+    ],
 )
-def test_file_stems_from_dataset_names_are_never_paths(names):
+def test_file_stems_from_dataset_names_are_never_paths(names, tmp_path):
     stem = file_stem(*names)
     assert "/" not in stem and "\\" not in stem and ".." not in stem and stem.strip("-")
-    assert (Path("/work") / f"{stem}.png").parent == Path("/work")
+    assert stem.isascii() and stem.isprintable() and len(stem) <= 100  # any file system
+    assert inside(tmp_path, f"heatmaps/{stem}.png").parent == tmp_path.resolve() / "heatmaps"
+
+
+@pytest.mark.parametrize(
+    "relative", ["../x.png", "/etc/x.png", "a/../../x", "x\x00.png", ".", "link/x"]
+)
+def test_writes_are_checked_to_stay_inside_the_job_directory(relative, tmp_path):
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "link").symlink_to(tmp_path)  # a symlink that leads out
+    with pytest.raises(CnpError, match="leaves the job directory"):
+        inside(tmp_path / "job", relative)
 
 
 def test_distinct_names_never_share_a_file_stem():

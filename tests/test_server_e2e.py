@@ -192,6 +192,42 @@ def test_bad_inputs_fail_with_invalid_argument_then_a_good_audit_succeeds(client
     assert any(n.startswith("heatmap") for n in names)
 
 
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def test_hostile_attribute_values_name_no_file_outside_the_job(client, server, bench, crafted):
+    """Values from labels.csv that look like paths, formulas, long or non-ASCII names are
+    audited like any other value; every file the job writes lies in its own directory."""
+    hostile = ["../../x/y", "/etc/cron.d/z", "=1+1", "Wasserzeichen-ü", "w" * 300]
+
+    def relabel(rows, root):
+        for n, row in enumerate(rows):
+            row[bench.attribute] = hostile[n % len(hostile)] if row[bench.attribute] == "1" else "0"
+        return rows
+
+    spec = _spec(bench, heatmap_samples=1)
+    spec.dataset.root = str(_copy_dataset(bench, crafted / "hostile-values", relabel))
+    before = _files(server.data_dir) | _files(crafted)
+    report = client.audit(spec, timeout=600)
+    workdir = (server.data_dir / "jobs" / report.audit_id).resolve()
+    audited = {a["value"] for a in report.to_dict()["attributes"]}
+    assert audited == {*hostile, "0"}  # one-vs-rest, every value
+    heatmaps = [a.name for a in report.artifacts if a.name.startswith("heatmap")]
+    assert len(heatmaps) == len(hostile) + 1
+    written = (_files(server.data_dir) | _files(crafted)) - before
+    server_files = {"jobs.db", "mlflow.db", "server.log"}
+    stray = [
+        p
+        for p in written
+        if not p.resolve().is_relative_to(workdir)
+        and not p.is_relative_to(server.data_dir / "mlartifacts")  # MLflow's copy of them
+        and not p.name.startswith(tuple(server_files))
+    ]
+    assert not stray, stray
+    assert not (server.data_dir / "x").exists() and not (crafted / "x").exists()
+
+
 def test_factories_run_only_when_listed_and_only_in_a_worker(client, server, bench, crafted):
     imported_by = crafted / "imported-by"
     unlisted = _spec(bench)
