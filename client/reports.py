@@ -2,6 +2,8 @@
 
 Every function reads the report as the dict of its canonical JSON (the proto JSON mapping,
 field names preserved), so reports from a file and from the server render the same way.
+Its strings (attribute names and values, layer names, gate names) are untrusted: each
+format escapes them with :mod:`cnp_core.safe_text`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cnp_core.results import AP_COLUMNS
+from cnp_core.safe_text import md_code, md_text, visible
 
 from .gates import Check, as_number, metric_value
 
@@ -38,16 +41,17 @@ def junit_xml(checks: Sequence[Check], *, audit_id: str = "", suite: str = "cnp.
     suite_el = ET.SubElement(root, "testsuite", {"name": suite, **counts, "skipped": "0"})
     if audit_id:
         properties = ET.SubElement(suite_el, "properties")
-        ET.SubElement(properties, "property", {"name": "audit_id", "value": audit_id})
+        ET.SubElement(properties, "property", {"name": "audit_id", "value": visible(audit_id)})
+    # ElementTree escapes markup but writes characters XML 1.0 forbids (NUL...) as they are.
     for check in checks:
-        case = ET.SubElement(suite_el, "testcase", {"classname": suite, "name": check.name})
-        detail = f"observed: {_plain(check.observed)}\nthreshold: {_plain(check.threshold)}"
+        name, message = visible(check.name), visible(check.message)
+        case = ET.SubElement(suite_el, "testcase", {"classname": suite, "name": name})
+        observed, threshold = visible(_plain(check.observed)), visible(_plain(check.threshold))
+        detail = f"observed: {observed}\nthreshold: {threshold}"
         if check.passed:
-            ET.SubElement(case, "system-out").text = f"{check.message}\n{detail}"
+            ET.SubElement(case, "system-out").text = f"{message}\n{detail}"
         else:
-            failure = ET.SubElement(
-                case, "failure", {"message": check.message, "type": "GateFailed"}
-            )
+            failure = ET.SubElement(case, "failure", {"message": message, "type": "GateFailed"})
             failure.text = detail
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
@@ -58,15 +62,13 @@ def junit_xml(checks: Sequence[Check], *, audit_id: str = "", suite: str = "cnp.
 
 def markdown_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
     """A CI-page summary: gates, the audit table per attribute value, groups, timings."""
-    lines = [f"## cnp audit `{report.get('audit_id', '?')}`{_verdict(checks)}", ""]
-    identity = [
-        f"model sha256 `{report['model_sha256']}`" if report.get("model_sha256") else "",
-        f"dataset digest `{report['dataset_digest']}`" if report.get("dataset_digest") else "",
-    ]
-    if any(identity):
-        lines += [" · ".join(part for part in identity if part), ""]
+    lines = [f"## cnp audit {md_code(report.get('audit_id', '?'))}{_verdict(checks)}", ""]
+    digests = (("model sha256", "model_sha256"), ("dataset digest", "dataset_digest"))
+    identity = [f"{label} {md_code(report[key])}" for label, key in digests if report.get(key)]
+    if identity:
+        lines += [" · ".join(identity), ""]
     if _pruning(report):
-        lines += [f"Pruning: {_pruning(report)}.", ""]
+        lines += [f"Pruning: {md_text(_pruning(report))}.", ""]
     if checks:
         lines += [
             "### Gates",
@@ -76,8 +78,9 @@ def markdown_summary(report: Report, checks: Sequence[Check] | None = None) -> s
         ]
         for check in checks:
             mark = "✅" if check.passed else "❌"
-            cells = [mark, f"`{check.name}`", _plain(check.observed), _plain(check.threshold)]
-            lines.append(_md_row([*cells, check.message]))
+            cells = [mark, md_code(check.name), md_text(_plain(check.observed))]
+            cells += [md_text(_plain(check.threshold)), md_text(check.message)]
+            lines.append(_md_row(cells))
         lines.append("")
     for audit in report.get("attributes") or []:
         lines += _markdown_audit(audit)
@@ -85,7 +88,9 @@ def markdown_summary(report: Report, checks: Sequence[Check] | None = None) -> s
     timings = report.get("timings") or {}
     if timings:
         lines += ["### Timings", "", "| Stage | Seconds |", "|---|---:|"]
-        lines += [_md_row([stage, f"{as_number(s) or 0:.1f}"]) for stage, s in timings.items()]
+        lines += [
+            _md_row([md_text(stage), f"{as_number(s) or 0:.1f}"]) for stage, s in timings.items()
+        ]
         total = sum(as_number(s) or 0 for s in timings.values())
         lines += [_md_row(["**total**", f"**{total:.1f}**"]), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -93,8 +98,11 @@ def markdown_summary(report: Report, checks: Sequence[Check] | None = None) -> s
 
 def _markdown_audit(audit: Report) -> list[str]:
     flagged = _flagged(audit)
-    title = f"### Concept audit: {audit.get('attribute', '?')} = {audit.get('value', '?')}"
-    context = f"layer `{audit.get('layer', '?')}`, K = {audit.get('n_subspaces', '?')}"
+    attribute, value = md_text(audit.get("attribute", "?")), md_text(audit.get("value", "?"))
+    title = f"### Concept audit: {attribute} = {value}"
+    context = (
+        f"layer {md_code(audit.get('layer', '?'))}, K = {md_text(audit.get('n_subspaces', '?'))}"
+    )
     flag_text = f"flagged subspace **S{flagged + 1}** ⚑" if flagged >= 0 else "no subspace flagged"
     header = ["Subspace", "Mean relevance", *(md for _, md, _ in AP_COLUMNS)]
     lines = [
@@ -127,7 +135,7 @@ def _markdown_groups(report: Report) -> list[str]:
         too_small = bool(group.get("too_small"))
         small |= too_small
         count = f"{int(as_number(group.get('count', 0)) or 0)}" + (" ⚠" if too_small else "")
-        cells = [key, count, _metric((group_before or {}).get("accuracy"))]
+        cells = [md_text(key), count, _metric((group_before or {}).get("accuracy"))]
         if after:
             accuracy_after = (group_after or {}).get("accuracy")
             cells += [_metric(accuracy_after), _change(group_before, group_after)]
@@ -140,7 +148,7 @@ def _markdown_groups(report: Report) -> list[str]:
         if after:
             cells += [_metric(after.get(field)), _change(before, after, field)]
         lines.append(_md_row(cells))
-    worst = [e.get("worst_group", "") for e in (before, after) if e]
+    worst = [md_text(e.get("worst_group", "")) for e in (before, after) if e]
     if any(worst):
         lines.append(_md_row(["worst group is", "", *worst, *([""] if after else [])]))
     for field, label in (
@@ -163,6 +171,7 @@ def _markdown_groups(report: Report) -> list[str]:
 
 def text_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
     """The same content as the Markdown summary, as aligned plain text for a terminal."""
+    report = _printable(report)
     lines = [f"audit {report.get('audit_id', '?')}{_verdict(checks)}"]
     if _pruning(report):
         lines.append(f"pruning: {_pruning(report)}")
@@ -209,7 +218,12 @@ def text_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
     if checks:
         passed = sum(check.passed for check in checks)
         lines += ["", f"gates: {passed}/{len(checks)} passed"]
-        lines += align([["  PASS" if c.passed else "  FAIL", c.name, c.message] for c in checks])
+        lines += align(
+            [
+                ["  PASS" if c.passed else "  FAIL", visible(c.name), visible(c.message)]
+                for c in checks
+            ]
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +331,20 @@ def _plain(value: Any) -> str:
 
 
 def _md_row(cells: Iterable[str]) -> str:
+    """A table row of Markdown cells (untrusted text already through md_text or md_code);
+    an escaped ``|`` stays inside its cell, also within a code span."""
     return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
+def _printable(value: Any) -> Any:
+    """The report with every string as :func:`visible` text, for a terminal."""
+    if isinstance(value, str):
+        return visible(value)
+    if isinstance(value, Mapping):
+        return {key: _printable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_printable(item) for item in value]
+    return value
 
 
 def align(rows: list[list[str]]) -> list[str]:

@@ -40,7 +40,9 @@ from .debias import debias
 from .errors import NoFlaggedSubspace
 from .evaluation import evaluate, find_group
 from .models import load_model
+from .paths import file_stem
 from .pruning.projection import Projection, fold_projection
+from .safe_text import csv_cell
 from .spec import PRUNE_SCOPES, SCHEDULES, AuditSpec, PruneSpec
 
 METHODS = ("lrp", "cnp")
@@ -477,12 +479,13 @@ def write_outputs(
         "summary_md": output / "summary.md",
         "config": output / "config.json",
         "balanced_accuracy": output / "balanced_accuracy.png",
-        "other_attribute": output / f"other_class_{attribute}.png",
+        "other_attribute": output / f"other_class_{file_stem(attribute)}.png",
     }
+    # Every CSV cell goes through csv_cell: a spreadsheet must not run one as a formula.
     with open(paths["rows"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(Row)])
         writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+        writer.writerows({k: csv_cell(v) for k, v in asdict(r).items()} for r in rows)
     summary = summarise(rows)
     with open(paths["summary_csv"], "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -498,7 +501,7 @@ def write_outputs(
         )
         for s in summary:
             stats = [v for m in METRICS for v in (s.mean[m], s.std[m])]
-            writer.writerow([s.method, s.rate, s.n, *stats, s.parameters, s.macs])
+            writer.writerow(map(csv_cell, [s.method, s.rate, s.n, *stats, s.parameters, s.macs]))
     best = best_matched(summary)
     paths["summary_md"].write_text(markdown(summary, best, attribute, config))
     paths["config"].write_text(json.dumps({**asdict(config), "best_matched": best}, indent=2))

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 
 from . import __version__
 from .audit import format_table
-from .results import AP_COLUMNS, AuditResult
+from .results import AP_COLUMNS, AttributeAudit, AuditResult
+from .safe_text import csv_cell, visible
 
 
 def versions() -> dict[str, str]:
@@ -61,7 +63,7 @@ def write_report(result: AuditResult, workdir: Path) -> None:
     result.artifacts["audit_table"] = str(table)
     report.write_text(json.dumps(_finite(result.to_dict()), indent=2, default=_json_default))
     columns = [field for field, _, _ in AP_COLUMNS]
-    with table.open("w", newline="") as handle:
+    with table.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(
             ["attribute", "value", "layer", "k", "subspace", "flagged", "mean_relevance"]
@@ -73,28 +75,41 @@ def write_report(result: AuditResult, workdir: Path) -> None:
                 for c in columns:
                     m = getattr(row, c)
                     cells += [m.value, m.ci_low, m.ci_high, m.base_rate]
-                writer.writerow(
+                row_cells = (
                     [audit.attribute, audit.value, audit.layer, audit.n_subspaces, row.index]
                     + [row.index == audit.flagged_subspace, row.mean_relevance]
                     + cells
                 )
+                writer.writerow(map(csv_cell, row_cells))  # names come from the dataset
 
 
 def summary(result: AuditResult) -> str:
     """The audit tables and group accuracies as plain text, for terminals and logs."""
-    parts = [format_table(audit) for audit in result.attributes]
+    parts = [format_table(_printable(audit)) for audit in result.attributes]
     for name, evaluation in (("before", result.before), ("after", result.after)):
         if evaluation is None:
             continue
         lines = [
             f"{name}: balanced accuracy {evaluation.balanced_accuracy.value:.3f}, "
-            f"worst group {evaluation.worst_group} {evaluation.worst_group_accuracy.value:.3f}"
+            f"worst group {visible(evaluation.worst_group)} "
+            f"{evaluation.worst_group_accuracy.value:.3f}"
         ]
         for g in evaluation.groups:
             flag = "  (small)" if g.too_small else ""
             lines.append(
-                f"  class {g.label} {g.attribute}={g.value}: {g.accuracy.value:.3f} "
+                f"  class {g.label} {visible(g.attribute)}={visible(g.value)}: "
+                f"{g.accuracy.value:.3f} "
                 f"[{g.accuracy.ci_low:.3f}, {g.accuracy.ci_high:.3f}] n={g.count}{flag}"
             )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _printable(audit: AttributeAudit) -> AttributeAudit:
+    """The audit with its names as :func:`visible` text, for a terminal."""
+    return replace(
+        audit,
+        attribute=visible(audit.attribute),
+        value=visible(audit.value),
+        layer=visible(audit.layer),
+    )
