@@ -720,11 +720,19 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row))
         return EXIT_PASS
-    table = [["ID", "STATE", "STAGE", "PROGRESS", "CREATED", "MESSAGE"]]
+    table = [["ID", "STATE", "STAGE", "PROGRESS", "MLFLOW", "CREATED", "MESSAGE"]]
     for row in rows:
         progress = f"{row['progress']:.0%}"
         table.append(
-            [row["id"], row["state"], row["stage"], progress, row["created"], row["message"]]
+            [
+                row["id"],
+                row["state"],
+                row["stage"],
+                progress,
+                row["tracking_state"] or "-",
+                row["created"],
+                row["message"],
+            ]
         )
     print("\n".join(reports.align(table)))
     return EXIT_PASS
@@ -741,6 +749,8 @@ def _job_row(job: Job) -> dict[str, Any]:
         "created": created,
         "message": message,
         "mlflow_run_id": job.mlflow_run_id,
+        "tracking_state": job.tracking_state,
+        "tracking_error": job.tracking_error,
     }
 
 

@@ -224,6 +224,9 @@ class Job:
     started: datetime | None
     updated: datetime | None
     finished: datetime | None
+    # The MLflow record: "", "pending", "done" or "failed" (tracking_error says why).
+    tracking_state: str = ""
+    tracking_error: str = ""
 
     @property
     def name(self) -> str:
@@ -265,6 +268,8 @@ class Job:
             started=_time(p.start_time, p.HasField("start_time")),
             updated=_time(p.update_time, p.HasField("update_time")),
             finished=_time(p.end_time, p.HasField("end_time")),
+            tracking_state=p.tracking_state,
+            tracking_error=p.tracking_error,
         )
 
 

@@ -46,6 +46,9 @@ class ServerConfig:
     tracking_retry_seconds: float = 60.0
     tracking_http_retries: int = 1
     tracking_http_timeout: float = 10.0
+    # A job's MLflow record is retried with back-off (tracking_retry_seconds, doubling, at
+    # most an hour apart) and given up, as tracking state "failed", after this many tries.
+    tracking_max_attempts: int = 20
     # Bearer-token auth; with no token configured one is generated at DATA_DIR/token.
     auth: bool = True
     token: str = ""

@@ -36,6 +36,8 @@ def progress_of(job: JobRecord) -> service_pb2.AuditProgress:
         cancel_requested=job.cancel_requested,
         request_id=job.request_id or "",
         mlflow_run_id=job.mlflow_run_id,
+        tracking_state=job.tracking_state,
+        tracking_error=job.tracking_error,
     )
     for name, seconds in (
         ("create_time", job.created_at),

@@ -17,10 +17,12 @@ CANCELLED = "CANCELLED"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
-# MLflow record of a job: nothing to log, waiting to be logged (or retried), logged.
+# MLflow record of a job: nothing to log, waiting to be logged (or retried), logged,
+# given up after the server's tracking_max_attempts (tracking_error says why).
 TRACKING_NONE = ""
 TRACKING_PENDING = "pending"
 TRACKING_DONE = "done"
+TRACKING_FAILED = "failed"
 
 # Stage of a job refused by CreateAudit's validation (it never ran).
 STAGE_VALIDATE = "validate"

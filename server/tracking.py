@@ -6,14 +6,21 @@ the store; a background thread logs it (at once, at start-up, and every
 so a retry after a partial attempt or a crash duplicates nothing: the run is found again
 by its id in the job row or by its ``cnp.audit_id`` tag, params and metrics already
 present are skipped, and artifacts overwrite themselves.
+
+One job never blocks another's record: names from a dataset become valid, bounded
+MLflow keys; a job whose logging fails is retried with its own back-off while the
+others go ahead, and after ``tracking_max_attempts`` it is given up (tracking state
+``failed``, with the reason) and its run, if one was opened, is closed as FAILED.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,7 @@ from cnp_core.results import AP_COLUMNS
 
 from . import __version__
 from .config import ServerConfig
-from .jobs import CANCELLED, FAILED, SUCCEEDED, TRACKING_DONE, JobRecord
+from .jobs import CANCELLED, FAILED, SUCCEEDED, TRACKING_DONE, TRACKING_FAILED, JobRecord
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -32,9 +39,30 @@ _RUN_STATUS = {SUCCEEDED: "FINISHED", FAILED: "FAILED", CANCELLED: "KILLED"}
 _BATCH = 500  # MLflow accepts at most 1000 metrics per log_batch
 
 
+MAX_KEY = 250  # MLflow's limit on metric and param names
+MAX_BACKOFF = 3600.0  # seconds between two tries of one job's record, at most
+_STOP_AFTER = 3  # consecutive failures in one pass: the tracking store is probably away
+
+
+def _part(text: Any) -> str:
+    """One path segment of a key: characters MLflow refuses become '_' and a segment it
+    would read as a path (empty, '.', '..') becomes one it does not; a changed segment
+    gets a digest of the original, so that "ü" and "ö" stay two metrics."""
+    text = str(text)
+    part = re.sub(r"[^A-Za-z0-9_\-. ]", "_", text).strip()
+    if part.strip(".") and part == text:
+        return part
+    return f"{part}_{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+
+
 def _key(*parts: Any) -> str:
-    """A metric name from parts, with characters MLflow refuses replaced by '_'."""
-    return "/".join(re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(p)) for p in parts)
+    """A valid MLflow metric name from parts (an attribute value, a layer name...); one
+    too long keeps its start and a digest, so distinct names stay distinct."""
+    key = "/".join(_part(p) for p in parts)
+    if len(key) > MAX_KEY:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        key = f"{key[: MAX_KEY - 13]}_{digest}"
+    return key
 
 
 def flatten_spec(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -215,6 +243,7 @@ class Tracker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tracker", daemon=True)
+        self._retry_at: dict[str, float] = {}  # job id -> monotonic time of its next try
 
     def start(self) -> None:
         self._thread.start()
@@ -237,22 +266,47 @@ class Tracker:
             self._wake.clear()
 
     def flush(self) -> int:
-        """Log every pending job; stop at the first failure (MLflow is probably down)."""
-        logged = 0
+        """Log every pending job whose back-off has passed; returns how many were logged.
+
+        A failure postpones that job only; the pass stops after a few failures in a row,
+        when the tracking store itself is probably away.
+        """
+        logged = failed = 0
         for job in self.store.tracking_pending():
-            if self._stop.is_set():
+            if self._stop.is_set() or failed >= _STOP_AFTER:
                 break
+            if self._retry_at.get(job.id, 0.0) > time.monotonic():
+                continue
             try:
                 if self._logger is None:
                     self._logger = RunLogger(self.config, self.store)
                 run_id = self._logger.log(job, self.config.jobs_path / job.id)
             except Exception as exc:
-                message = f"{type(exc).__name__}: {exc}"[:2000]
-                self.store.set_tracking(job.id, error=message)
-                log.warning("MLflow logging of %s failed; will retry: %s", job.id, message)
+                failed += 1
                 self._logger = None  # reconnect next time
-                break
+                self._failed(job, f"{type(exc).__name__}: {exc}"[:2000])
+                continue
+            failed = 0
+            self._retry_at.pop(job.id, None)
             self.store.set_tracking(job.id, state=TRACKING_DONE, run_id=run_id)
             log.info("job %s recorded in MLflow run %s", job.id, run_id)
             logged += 1
         return logged
+
+    def _failed(self, job: JobRecord, message: str) -> None:
+        attempts = job.tracking_attempts + 1
+        if attempts < self.config.tracking_max_attempts:
+            delay = min(self.config.tracking_retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF)
+            self._retry_at[job.id] = time.monotonic() + delay
+            self.store.set_tracking(job.id, error=message)
+            log.warning("MLflow logging of %s failed; retry in %.0f s: %s", job.id, delay, message)
+            return
+        self._retry_at.pop(job.id, None)
+        self.store.set_tracking(job.id, state=TRACKING_FAILED, error=message)
+        log.error("MLflow logging of %s given up after %d tries: %s", job.id, attempts, message)
+        run_id = self.store.get(job.id).mlflow_run_id
+        if run_id:  # a run left RUNNING would look like a job still going
+            try:
+                RunLogger(self.config, self.store).client.set_terminated(run_id, status="FAILED")
+            except Exception as exc:
+                log.warning("could not close MLflow run %s of %s: %s", run_id, job.id, exc)

@@ -21,7 +21,7 @@ from test_server_support import ServerProcess, make_references, make_spec, prune
 from cnp.v1 import report_pb2
 from cnp_client import AuditClient
 from cnp_server.config import ServerConfig
-from cnp_server.jobs import FAILED, SUCCEEDED, TRACKING_DONE, TRACKING_PENDING
+from cnp_server.jobs import FAILED, SUCCEEDED, TRACKING_DONE, TRACKING_FAILED, TRACKING_PENDING
 from cnp_server.store import JobStore
 from cnp_server.tracking import RunLogger, Tracker, flatten_spec, report_metrics
 from cnp_server.worker import WorkerTask, finish_success
@@ -97,6 +97,46 @@ def test_a_failed_job_is_recorded_with_its_error_and_the_tracker_marks_it_done(t
     assert run.data.tags["cnp.error_code"] == "INVALID_ARGUMENT"
     assert run.data.tags["cnp.error_message"] == "no such layer 'x'"
     assert tracker.flush() == 0  # nothing pending any more
+    store.close()
+
+
+def test_a_job_that_cannot_be_recorded_blocks_no_other_and_is_given_up(tmp_path):
+    """The reported failure: one job MLflow could not take stopped every later record
+    and left its run RUNNING. Now it is retried on its own and given up, visibly."""
+    from cnp.v1 import service_pb2
+    from cnp_server.convert import operation_of
+    from cnp_server.store import JobRow
+
+    refs = tmp_path / "refs"
+    make_references(refs)
+    config = ServerConfig(
+        data_dir=str(tmp_path / "data"), tracking_retry_seconds=0.0, tracking_max_attempts=3
+    )
+    config.jobs_path.mkdir(parents=True)
+    store = JobStore(config.effective_database_url)
+    bad = _finished_job(store, config, refs, "sleep:0")
+    store._update(JobRow.id == bad.id, report=b"\xff not a report")  # logging it always fails
+    good = _finished_job(store, config, refs)
+    tracker = Tracker(config, store)
+    assert tracker.flush() == 1  # the good job, although the bad one came first
+    assert store.get(good.id).tracking_state == TRACKING_DONE
+    first = store.get(bad.id)
+    assert (first.tracking_state, first.tracking_attempts) == (TRACKING_PENDING, 1)
+    assert "DecodeError" in first.tracking_error
+    assert tracker.flush() == 0 and tracker.flush() == 0  # tries 2 and 3: given up
+    given_up = store.get(bad.id)
+    assert (given_up.tracking_state, given_up.tracking_attempts) == (TRACKING_FAILED, 3)
+    assert tracker.flush() == 0 and store.get(bad.id).tracking_attempts == 3  # not retried
+    progress = service_pb2.AuditProgress()
+    operation_of(given_up, with_response=False).metadata.Unpack(progress)
+    assert progress.tracking_state == "failed" and "DecodeError" in progress.tracking_error
+    logger = RunLogger(config, store)
+    runs = {
+        r.data.tags["cnp.audit_id"]: r for r in logger.client.search_runs([logger.experiment_id()])
+    }
+    assert set(runs) == {bad.id, good.id}  # exactly one run per job
+    assert runs[bad.id].info.status == "FAILED"  # closed, not left RUNNING
+    assert runs[good.id].info.status == "FINISHED"
     store.close()
 
 

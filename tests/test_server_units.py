@@ -427,3 +427,20 @@ def test_without_prewarming_each_job_starts_a_new_worker(executors):
     assert job.finished_at - job.started_at > IMPORT_SECONDS  # it waited for the import
     seen = json.loads(_read_env(executor, job))
     assert not seen["warmed_up"] and seen["run"]["omp"] == "PASSIVE"
+
+
+@pytest.mark.parametrize(
+    "value", ["", ".", "..", "../../x/y", "/etc", "ü", "a b", "=1+1", "w" * 300, "层", " "]
+)
+def test_metric_names_from_dataset_values_are_valid_for_mlflow(value):
+    """An empty attribute cell once made a metric name MLflow refused (and every later job
+    went unrecorded): every value now gives a valid, bounded, distinct name."""
+    from mlflow.utils.validation import _validate_metric_name  # MLflow's own check
+
+    from cnp_server.tracking import MAX_KEY, _key
+
+    key = _key("audit", "wm", value, "layer2", "s0", "ap_attribute.ci_low")
+    _validate_metric_name(key)
+    assert len(key) <= MAX_KEY
+    assert key != _key("audit", "wm", value + "x", "layer2", "s0", "ap_attribute.ci_low")
+    assert _key("a", "ü") != _key("a", "ö")

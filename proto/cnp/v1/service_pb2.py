@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63np/v1/service.proto\x12\x06\x63np.v1\x1a\x13\x63np/v1/report.proto\x1a\x11\x63np/v1/spec.proto\x1a#google/longrunning/operations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xaa\x03\n\rAuditProgress\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\x1c\n\x05state\x18\x02 \x01(\x0e\x32\r.cnp.v1.State\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x18\n\x10\x63\x61ncel_requested\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05\x65rror\x18\r \x01(\x0b\x32\x12.google.rpc.Status\x12\x15\n\rmlflow_run_id\x18\x0e \x01(\t\"I\n\x12\x43reateAuditRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.cnp.v1.AuditSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"%\n\x11WatchAuditRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\")\n\x15GetAuditReportRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\"(\n\x14ListArtifactsRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\"@\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.cnp.v1.ArtifactInfo\"T\n\x13ReadArtifactRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x03\"4\n\x14ReadArtifactResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1a\n\x18GetServerMetadataRequest\"\xfe\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1c\n\x14\x61rtifact_chunk_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fmax_queued_jobs\x18\x03 \x01(\x05\x12\x0f\n\x07workers\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12?\n\x0estage_timeouts\x18\x06 \x03(\x0b\x32\'.cnp.v1.ServerLimits.StageTimeoutsEntry\x1a\x34\n\x12StageTimeoutsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xae\x02\n\x0eServerMetadata\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.cnp.v1.ServerLimits\x12\x15\n\rarchitectures\x18\x04 \x03(\t\x12\x16\n\x0eweight_formats\x18\x05 \x03(\t\x12\x17\n\x0f\x63oncept_methods\x18\x06 \x03(\t\x12\x0e\n\x06scores\x18\x07 \x03(\t\x12\x12\n\ncomposites\x18\x08 \x03(\t\x12\x15\n\rprune_methods\x18\t \x03(\t\x12\x17\n\x0fprune_schedules\x18\n \x03(\t\x12\x15\n\rauth_required\x18\x0b \x01(\x08\x12\x0b\n\x03tls\x18\x0c \x01(\x08\x12\x10\n\x08services\x18\r \x03(\t*a\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xf9\x03\n\x0c\x43onceptAudit\x12w\n\x0b\x43reateAudit\x12\x1a.cnp.v1.CreateAuditRequest\x1a\x1d.google.longrunning.Operation\"-\xca\x41*\n\x12\x63np.v1.AuditReport\x12\x14\x63np.v1.AuditProgress\x12@\n\nWatchAudit\x12\x19.cnp.v1.WatchAuditRequest\x1a\x15.cnp.v1.AuditProgress0\x01\x12\x44\n\x0eGetAuditReport\x12\x1d.cnp.v1.GetAuditReportRequest\x1a\x13.cnp.v1.AuditReport\x12L\n\rListArtifacts\x12\x1c.cnp.v1.ListArtifactsRequest\x1a\x1d.cnp.v1.ListArtifactsResponse\x12K\n\x0cReadArtifact\x12\x1b.cnp.v1.ReadArtifactRequest\x1a\x1c.cnp.v1.ReadArtifactResponse0\x01\x12M\n\x11GetServerMetadata\x12 .cnp.v1.GetServerMetadataRequest\x1a\x16.cnp.v1.ServerMetadataB\r\n\tio.cnp.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63np/v1/service.proto\x12\x06\x63np.v1\x1a\x13\x63np/v1/report.proto\x1a\x11\x63np/v1/spec.proto\x1a#google/longrunning/operations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xda\x03\n\rAuditProgress\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\x1c\n\x05state\x18\x02 \x01(\x0e\x32\r.cnp.v1.State\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x18\n\x10\x63\x61ncel_requested\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05\x65rror\x18\r \x01(\x0b\x32\x12.google.rpc.Status\x12\x15\n\rmlflow_run_id\x18\x0e \x01(\t\x12\x16\n\x0etracking_state\x18\x0f \x01(\t\x12\x16\n\x0etracking_error\x18\x10 \x01(\t\"I\n\x12\x43reateAuditRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.cnp.v1.AuditSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"%\n\x11WatchAuditRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\")\n\x15GetAuditReportRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\"(\n\x14ListArtifactsRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\"@\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.cnp.v1.ArtifactInfo\"T\n\x13ReadArtifactRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x03\"4\n\x14ReadArtifactResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1a\n\x18GetServerMetadataRequest\"\xfe\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1c\n\x14\x61rtifact_chunk_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fmax_queued_jobs\x18\x03 \x01(\x05\x12\x0f\n\x07workers\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12?\n\x0estage_timeouts\x18\x06 \x03(\x0b\x32\'.cnp.v1.ServerLimits.StageTimeoutsEntry\x1a\x34\n\x12StageTimeoutsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xae\x02\n\x0eServerMetadata\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.cnp.v1.ServerLimits\x12\x15\n\rarchitectures\x18\x04 \x03(\t\x12\x16\n\x0eweight_formats\x18\x05 \x03(\t\x12\x17\n\x0f\x63oncept_methods\x18\x06 \x03(\t\x12\x0e\n\x06scores\x18\x07 \x03(\t\x12\x12\n\ncomposites\x18\x08 \x03(\t\x12\x15\n\rprune_methods\x18\t \x03(\t\x12\x17\n\x0fprune_schedules\x18\n \x03(\t\x12\x15\n\rauth_required\x18\x0b \x01(\x08\x12\x0b\n\x03tls\x18\x0c \x01(\x08\x12\x10\n\x08services\x18\r \x03(\t*a\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xf9\x03\n\x0c\x43onceptAudit\x12w\n\x0b\x43reateAudit\x12\x1a.cnp.v1.CreateAuditRequest\x1a\x1d.google.longrunning.Operation\"-\xca\x41*\n\x12\x63np.v1.AuditReport\x12\x14\x63np.v1.AuditProgress\x12@\n\nWatchAudit\x12\x19.cnp.v1.WatchAuditRequest\x1a\x15.cnp.v1.AuditProgress0\x01\x12\x44\n\x0eGetAuditReport\x12\x1d.cnp.v1.GetAuditReportRequest\x1a\x13.cnp.v1.AuditReport\x12L\n\rListArtifacts\x12\x1c.cnp.v1.ListArtifactsRequest\x1a\x1d.cnp.v1.ListArtifactsResponse\x12K\n\x0cReadArtifact\x12\x1b.cnp.v1.ReadArtifactRequest\x1a\x1c.cnp.v1.ReadArtifactResponse0\x01\x12M\n\x11GetServerMetadata\x12 .cnp.v1.GetServerMetadataRequest\x1a\x16.cnp.v1.ServerMetadataB\r\n\tio.cnp.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,32 +41,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_options = b'8\001'
   _globals['_CONCEPTAUDIT'].methods_by_name['CreateAudit']._loaded_options = None
   _globals['_CONCEPTAUDIT'].methods_by_name['CreateAudit']._serialized_options = b'\312A*\n\022cnp.v1.AuditReport\022\024cnp.v1.AuditProgress'
-  _globals['_STATE']._serialized_start=1591
-  _globals['_STATE']._serialized_end=1688
+  _globals['_STATE']._serialized_start=1639
+  _globals['_STATE']._serialized_end=1736
   _globals['_AUDITPROGRESS']._serialized_start=168
-  _globals['_AUDITPROGRESS']._serialized_end=594
-  _globals['_CREATEAUDITREQUEST']._serialized_start=596
-  _globals['_CREATEAUDITREQUEST']._serialized_end=669
-  _globals['_WATCHAUDITREQUEST']._serialized_start=671
-  _globals['_WATCHAUDITREQUEST']._serialized_end=708
-  _globals['_GETAUDITREPORTREQUEST']._serialized_start=710
-  _globals['_GETAUDITREPORTREQUEST']._serialized_end=751
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=753
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=793
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=795
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=859
-  _globals['_READARTIFACTREQUEST']._serialized_start=861
-  _globals['_READARTIFACTREQUEST']._serialized_end=945
-  _globals['_READARTIFACTRESPONSE']._serialized_start=947
-  _globals['_READARTIFACTRESPONSE']._serialized_end=999
-  _globals['_GETSERVERMETADATAREQUEST']._serialized_start=1001
-  _globals['_GETSERVERMETADATAREQUEST']._serialized_end=1027
-  _globals['_SERVERLIMITS']._serialized_start=1030
-  _globals['_SERVERLIMITS']._serialized_end=1284
-  _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_start=1232
-  _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_end=1284
-  _globals['_SERVERMETADATA']._serialized_start=1287
-  _globals['_SERVERMETADATA']._serialized_end=1589
-  _globals['_CONCEPTAUDIT']._serialized_start=1691
-  _globals['_CONCEPTAUDIT']._serialized_end=2196
+  _globals['_AUDITPROGRESS']._serialized_end=642
+  _globals['_CREATEAUDITREQUEST']._serialized_start=644
+  _globals['_CREATEAUDITREQUEST']._serialized_end=717
+  _globals['_WATCHAUDITREQUEST']._serialized_start=719
+  _globals['_WATCHAUDITREQUEST']._serialized_end=756
+  _globals['_GETAUDITREPORTREQUEST']._serialized_start=758
+  _globals['_GETAUDITREPORTREQUEST']._serialized_end=799
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=801
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=841
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=843
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=907
+  _globals['_READARTIFACTREQUEST']._serialized_start=909
+  _globals['_READARTIFACTREQUEST']._serialized_end=993
+  _globals['_READARTIFACTRESPONSE']._serialized_start=995
+  _globals['_READARTIFACTRESPONSE']._serialized_end=1047
+  _globals['_GETSERVERMETADATAREQUEST']._serialized_start=1049
+  _globals['_GETSERVERMETADATAREQUEST']._serialized_end=1075
+  _globals['_SERVERLIMITS']._serialized_start=1078
+  _globals['_SERVERLIMITS']._serialized_end=1332
+  _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_start=1280
+  _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_end=1332
+  _globals['_SERVERMETADATA']._serialized_start=1335
+  _globals['_SERVERMETADATA']._serialized_end=1637
+  _globals['_CONCEPTAUDIT']._serialized_start=1739
+  _globals['_CONCEPTAUDIT']._serialized_end=2244
 # @@protoc_insertion_point(module_scope)
