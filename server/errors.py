@@ -7,9 +7,11 @@ correlation id only, and the details (traceback, server paths) go to the server 
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -74,9 +76,31 @@ def classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, CnpError):
         name = exc.status if exc.status in grpc.StatusCode.__members__ else "INVALID_ARGUMENT"
         return name, str(exc) or type(exc).__name__
+    exhausted = _exhausted(exc)
+    if exhausted:
+        log.warning("job resources exhausted: %s", exc)
+        return "RESOURCE_EXHAUSTED", exhausted
     correlation = uuid.uuid4().hex[:12]
     log.error("internal error (correlation id %s)", correlation, exc_info=exc)
     return "INTERNAL", f"internal error (correlation id {correlation})"
+
+
+def _exhausted(exc: BaseException) -> str:
+    """The message for a job that ran out of memory or disk, '' for anything else."""
+    if isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and _OUT_OF_MEMORY.search(str(exc))
+    ):
+        return (
+            "the job ran out of memory (the worker's limit, worker_memory_bytes, or the "
+            "machine's): audit fewer or smaller images (fit_images, batch_size) or raise it"
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the server's disk for the job's files: free some and retry"
+    return ""
+
+
+# torch's allocators say so in RuntimeErrors (OutOfMemoryError for CUDA is one).
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
 
 
 def code_of(name: str) -> grpc.StatusCode:

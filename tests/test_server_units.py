@@ -184,6 +184,32 @@ def test_user_errors_keep_code_and_message():
     assert classify(QueueFull("full"))[0] == "RESOURCE_EXHAUSTED"
 
 
+def _raised(action) -> BaseException:
+    try:
+        action()
+    except BaseException as exc:  # noqa: BLE001 - the real exception is the point
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def test_out_of_memory_and_a_full_disk_are_resource_exhausted():
+    """Real failures, not constructed ones: the allocator's refusals and the kernel's
+    ENOSPC (/dev/full answers every write with it)."""
+    import torch
+
+    def full_disk():
+        with open("/dev/full", "wb") as handle:
+            handle.write(b"report")
+
+    for action, fragment in (
+        (lambda: bytearray(1 << 62), "ran out of memory"),
+        (lambda: torch.empty(1 << 60, dtype=torch.uint8), "ran out of memory"),
+        (full_disk, "no space left"),
+    ):
+        code, message = classify(_raised(action))
+        assert code == "RESOURCE_EXHAUSTED" and fragment in message
+
+
 def test_unexpected_errors_become_internal_with_a_correlation_id(caplog):
     with caplog.at_level(logging.ERROR):
         code, message = classify(KeyError("/srv/secret/path"))
