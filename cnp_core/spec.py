@@ -165,6 +165,7 @@ class AuditSpec:
             raise InvalidSpec("model: give an architecture name or a factory 'module:function'")
         if self.model.architecture and self.model.factory:
             raise InvalidSpec("model: give an architecture or a factory, not both")
+        _check_bounds(self.model, {"num_classes": (2, 100_000)}, "model.")
         if not self.dataset.root:
             raise InvalidSpec("dataset.root is required")
         if not 8 <= self.dataset.input_size <= 1024:
@@ -210,7 +211,6 @@ class AuditSpec:
         if not 0.0 < self.flag_threshold <= 1.0:
             raise InvalidSpec("flag_threshold must lie in (0, 1]")
         _check_bounds(self, AUDIT_BOUNDS)
-        _check_bounds(self.model, {"num_classes": (2, 100_000)}, "model.")
         _check_bounds(self.dataset, {"max_pixels": (1, 1 << 30)}, "dataset.")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise InvalidSpec(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
