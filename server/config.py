@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -28,9 +29,21 @@ class ConfigError(CnpError):
     """The configuration is inconsistent (bad value, unknown key, missing file)."""
 
 
+# RPC threads that streams may never take: unary calls (CreateAudit, GetOperation) always
+# find one, however many clients wait on WatchAudit.
+STREAM_RESERVE = 8
+
+
 @dataclass
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
+    # Health checks only, on their own uncapped server, so streams never starve a probe.
+    # Empty: the host of ``listen``, any free port (server.json records it). Always
+    # plaintext (Kubernetes probes speak no TLS); it tells nothing but SERVING/NOT_SERVING.
+    health_listen: str = ""
+    # Plaintext on a non-loopback address sends the bearer token in clear: refused unless
+    # the operator says the network is private or a proxy terminates TLS.
+    allow_insecure: bool = False
     data_dir: str = ".cnp"
     # Model weights and dataset directories must lie under one of these.
     allow_roots: list[str] = field(default_factory=list)
@@ -77,6 +90,13 @@ class ServerConfig:
     node_id: str = field(default_factory=socket.gethostname)
     log_level: str = "INFO"
     rpc_threads: int = 64  # also the bound on concurrent calls (streams hold a thread)
+    # Long calls (WatchAudit, WaitOperation, ReadArtifact) open at once from one client
+    # address; all clients together get at most rpc_threads - STREAM_RESERVE.
+    max_streams_per_client: int = 16
+    # Ping a silent connection this often and drop it when no answer comes in the timeout:
+    # a vanished client's streams (and their threads) are freed.
+    keepalive_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
 
     # --- derived ----------------------------------------------------------------------
 
@@ -109,14 +129,31 @@ class ServerConfig:
     def tls(self) -> bool:
         return bool(self.tls_cert)
 
+    @property
+    def max_streams(self) -> int:
+        return self.rpc_threads - STREAM_RESERVE
+
+    @property
+    def effective_health_listen(self) -> str:
+        return self.health_listen or f"{self.listen.rsplit(':', 1)[0]}:0"
+
     def stage_timeout(self, stage: str) -> float:
         return float(self.stage_timeouts.get(stage, self.stage_timeouts.get("default", 6 * 3600.0)))
 
     def validate(self) -> ServerConfig:
-        if ":" not in self.listen:
-            raise ConfigError(f"listen must be HOST:PORT, got {self.listen!r}")
+        for name in ("listen", "health_listen"):
+            value = getattr(self, name)
+            if (value or name == "listen") and ":" not in value:
+                raise ConfigError(f"{name} must be HOST:PORT, got {value!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
+        if not (self.tls or self.allow_insecure or is_loopback(self.listen)):
+            raise ConfigError(
+                f"listen {self.listen} is not a loopback address and TLS is off: the bearer "
+                "token and every request would cross the network in clear. Set tls_cert and "
+                "tls_key (--tls-cert, --tls-key), or, on a private network or behind a "
+                "TLS-terminating proxy, allow_insecure = true (--allow-insecure)"
+            )
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             value = getattr(self, name)
             if value and not Path(value).is_file():
@@ -134,6 +171,13 @@ class ServerConfig:
             raise ConfigError("artifact_chunk_bytes must lie in [1 KiB, max_message_bytes - 1 KiB]")
         if self.lease_seconds <= self.heartbeat_seconds:
             raise ConfigError("lease_seconds must exceed heartbeat_seconds")
+        if self.rpc_threads <= STREAM_RESERVE or self.max_streams_per_client < 1:
+            raise ConfigError(
+                f"rpc_threads must be > {STREAM_RESERVE} (kept for unary calls), "
+                "max_streams_per_client >= 1"
+            )
+        if self.keepalive_seconds <= 0 or self.keepalive_timeout_seconds <= 0:
+            raise ConfigError("keepalive_seconds and keepalive_timeout_seconds must be > 0")
         return self
 
     def masked(self) -> dict[str, Any]:
@@ -145,6 +189,17 @@ class ServerConfig:
         values["token_file"] = str(self.effective_token_file)
         values["data_dir"] = str(self.data_path)
         return values
+
+
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT names this machine only (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or empty (all interfaces)
+        return False
 
 
 def mask_url(url: str) -> str:
@@ -200,6 +255,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="TOML configuration file (also CNP_CONFIG)")
     p.add_argument("--listen", help="HOST:PORT to serve on (port 0: any free port)")
+    p.add_argument(
+        "--health-listen",
+        dest="health_listen",
+        help="HOST:PORT of the health-only port (default: listen's host, any free port)",
+    )
+    p.add_argument(
+        "--allow-insecure",
+        dest="allow_insecure",
+        action="store_const",
+        const=True,
+        help="serve plaintext on a non-loopback address (private network or TLS proxy)",
+    )
     p.add_argument("--data-dir", dest="data_dir", help="job store, token, MLflow and job files")
     p.add_argument(
         "--allow-root",

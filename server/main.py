@@ -1,8 +1,9 @@
 """``cnp-server``: start the gRPC service (config, store, executor, MLflow tracker, server).
 
 Start-up re-queues jobs this node was running when it stopped; shutdown (SIGTERM or
-SIGINT) turns health to NOT_SERVING, refuses new audits, lets running jobs finish for
-``drain_seconds`` and re-queues what is left, so no accepted job is lost or stuck.
+SIGINT) turns health to NOT_SERVING (on both ports: the main one and ``health_listen``),
+refuses new audits, lets running jobs finish for ``drain_seconds`` and re-queues what is
+left, so no accepted job is lost or stuck.
 """
 
 from __future__ import annotations
@@ -41,8 +42,27 @@ from .tracking import Tracker
 log = logging.getLogger("cnp_server")
 
 
+HEALTH_THREADS = 4  # Check is answered in microseconds; Watch holds no thread
+
+
 def _read(path: str) -> bytes:
     return Path(path).read_bytes()
+
+
+def _bind(
+    server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """The port ``server`` got at ``address``; ConfigError when it cannot listen there."""
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises when the address cannot be bound
+        port = 0
+    if not port:
+        raise ConfigError(f"cannot listen on {address} (address in use?)")
+    return port
 
 
 class Application:
@@ -52,6 +72,7 @@ class Application:
         self.config = config
         self.port = 0
         self.server: grpc.Server | None = None
+        self.health_server: grpc.Server | None = None
 
     def start(self) -> int:
         c = self.config
@@ -75,15 +96,26 @@ class Application:
             interceptors.append(BearerTokenInterceptor([token]))
         else:
             log.warning("authentication is OFF: anyone who reaches %s can submit audits", c.listen)
-        limits = [
+        options = [
             ("grpc.max_receive_message_length", c.max_message_bytes),
             ("grpc.max_send_message_length", c.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share
+            # Ping silent connections, and keep pinging a stream that sends nothing (the
+            # default stops after 2 pings without data): a vanished client's streams end.
+            ("grpc.keepalive_time_ms", int(c.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(c.keepalive_timeout_seconds * 1000)),
+            # grpcio 1.85 drops a connection whose ping goes unanswered only after this
+            # (60 s by default), whatever keepalive_timeout_ms says: set both.
+            ("grpc.http2.ping_timeout_ms", int(c.keepalive_timeout_seconds * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Clients may ping every 10 s (gRPC refuses pings closer than 5 min by default).
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
         server = grpc.server(
             ThreadPoolExecutor(max_workers=c.rpc_threads, thread_name_prefix="rpc"),
             interceptors=interceptors,
-            options=limits,
+            options=options,
             # Each stream holds a thread: beyond this, calls fail fast (RESOURCE_EXHAUSTED)
             # instead of waiting behind long WatchAudit streams.
             maximum_concurrent_rpcs=c.rpc_threads,
@@ -94,29 +126,33 @@ class Application:
         operations_pb2_grpc.add_OperationsServicer_to_server(
             OperationsServicer(self.service), server
         )
+        # One servicer behind both ports: drain's NOT_SERVING shows on each. The health-only
+        # server has no cap and no streams of ours (Health.Watch holds no thread), so
+        # however busy the main port, a probe is answered.
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([*SERVICE_NAMES, reflection.SERVICE_NAME], server)
+        health_server = grpc.server(
+            ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="health"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
 
-        try:
-            if c.tls:
-                credentials = grpc.ssl_server_credentials(
-                    [(_read(c.tls_key), _read(c.tls_cert))],
-                    root_certificates=_read(c.tls_client_ca) if c.tls_client_ca else None,
-                    require_client_auth=bool(c.tls_client_ca),
-                )
-                self.port = server.add_secure_port(c.listen, credentials)
-            else:
-                self.port = server.add_insecure_port(c.listen)
-        except RuntimeError:  # grpc raises when the address cannot be bound
-            self.port = 0
-        if not self.port:
-            raise ConfigError(f"cannot listen on {c.listen} (address in use?)")
-        self.server = server
+        credentials = None
+        if c.tls:
+            credentials = grpc.ssl_server_credentials(
+                [(_read(c.tls_key), _read(c.tls_cert))],
+                root_certificates=_read(c.tls_client_ca) if c.tls_client_ca else None,
+                require_client_auth=bool(c.tls_client_ca),
+            )
+        self.port = _bind(server, c.listen, credentials)
+        health_port = _bind(health_server, c.effective_health_listen)
+        self.server, self.health_server = server, health_server
 
         if self.tracker:
             self.tracker.start()
         self.executor.start()
+        health_server.start()
         server.start()
         for name in ["", *SERVICE_NAMES]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -124,15 +160,26 @@ class Application:
         if callable(warm_up):
             threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
         self.address = f"{c.listen.rsplit(':', 1)[0]}:{self.port}"
+        self.health_address = f"{c.effective_health_listen.rsplit(':', 1)[0]}:{health_port}"
         # Written whole, then renamed: a client polling for it never reads half a file.
         info = c.data_path / "server.json.tmp"
-        info.write_text(json.dumps({"address": self.address, "pid": os.getpid(), "tls": c.tls}))
+        info.write_text(
+            json.dumps(
+                {
+                    "address": self.address,
+                    "health_address": self.health_address,
+                    "pid": os.getpid(),
+                    "tls": c.tls,
+                }
+            )
+        )
         info.replace(c.data_path / "server.json")
         log.info(
-            "cnp-server %s listening on %s (%s)",
+            "cnp-server %s listening on %s (%s), health checks also on %s",
             __version__,
             self.address,
             "TLS" if c.tls else "plaintext",
+            self.health_address,
         )
         return self.port
 
@@ -159,6 +206,8 @@ class Application:
             self.tracker.stop()
         if self.server is not None:
             self.server.stop(grace=5.0).wait()
+        if self.health_server is not None:  # last: probes see NOT_SERVING until the end
+            self.health_server.stop(grace=1.0).wait()
         self.store.close()
         (self.config.data_path / "server.json").unlink(missing_ok=True)
         log.info("stopped")

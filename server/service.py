@@ -10,6 +10,9 @@ import logging
 import shutil
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -22,7 +25,7 @@ from cnp_core.convert import audit_id_of, spec_from_proto, spec_to_json
 from cnp_core.errors import CnpError
 
 from . import __version__, convert
-from .config import ServerConfig
+from .config import STREAM_RESERVE, ServerConfig
 from .engine import check_references
 from .errors import (
     BadRequest,
@@ -45,6 +48,55 @@ MAX_WAIT_SECONDS = 300.0
 MAX_PAGE_SIZE = 1000
 
 
+class TooManyStreams(CnpError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+def client_of(peer: str) -> str:
+    """The client's address from ``context.peer()`` ("ipv4:10.0.0.7:51234" -> "10.0.0.7"):
+    its port changes with every connection, its address does not."""
+    kind, _, rest = peer.partition(":")
+    return rest.rsplit(":", 1)[0].strip("[]") if kind in {"ipv4", "ipv6"} else peer
+
+
+class StreamLimits:
+    """Counts the long calls (WatchAudit, WaitOperation, ReadArtifact), each holding an RPC
+    thread while it lasts: no client may take more than ``per_client`` of them, all
+    together no more than ``total``, so short calls always find a thread."""
+
+    def __init__(self, per_client: int, total: int) -> None:
+        self.per_client, self.total = per_client, total
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, context: grpc.ServicerContext) -> Iterator[None]:
+        client = client_of(context.peer())
+        with self._lock:
+            if self._open[client] >= self.per_client:
+                raise TooManyStreams(
+                    f"too many streams from {client}: {self._open[client]} open (WatchAudit, "
+                    f"WaitOperation, ReadArtifact), the limit is max_streams_per_client = "
+                    f"{self.per_client}; close one, or raise max_streams_per_client on the "
+                    "server (--set max_streams_per_client=N)"
+                )
+            if self._open.total() >= self.total:
+                raise TooManyStreams(
+                    f"too many streams on this server: {self.total} open, the limit is "
+                    f"rpc_threads - {STREAM_RESERVE} (threads kept for other calls); retry "
+                    "later, poll GetOperation instead, or raise rpc_threads on the server "
+                    "(--set rpc_threads=N)"
+                )
+            self._open[client] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open[client] -= 1
+                if not self._open[client]:
+                    del self._open[client]
+
+
 class AuditService:
     """What both servicers share: config, store, executor, engine and the shutdown flag."""
 
@@ -53,6 +105,7 @@ class AuditService:
     ) -> None:
         self.config, self.store, self.executor, self.engine = config, store, executor, engine
         self.stopping = threading.Event()
+        self.streams = StreamLimits(config.max_streams_per_client, config.max_streams)
         self._create_lock = threading.Lock()
         self._capabilities: dict | None = None
 
@@ -130,16 +183,17 @@ class ConceptAuditServicer(service_pb2_grpc.ConceptAuditServicer):
 
     @rpc_errors
     def WatchAudit(self, request, context):
-        last = None
-        while context.is_active():
-            job = self.s.job(request.audit_id)
-            progress = convert.progress_of(job)
-            if progress != last:
-                yield progress
-                last = progress
-            if job.done or self.s.stopping.is_set():
-                return
-            time.sleep(WATCH_POLL_SECONDS)
+        with self.s.streams.hold(context):
+            last = None
+            while context.is_active():
+                job = self.s.job(request.audit_id)
+                progress = convert.progress_of(job)
+                if progress != last:
+                    yield progress
+                    last = progress
+                if job.done or self.s.stopping.is_set():
+                    return
+                time.sleep(WATCH_POLL_SECONDS)
 
     @rpc_errors
     def GetAuditReport(self, request, context):
@@ -169,6 +223,10 @@ class ConceptAuditServicer(service_pb2_grpc.ConceptAuditServicer):
 
     @rpc_errors
     def ReadArtifact(self, request, context):
+        with self.s.streams.hold(context):
+            yield from self._read_artifact(request, context)
+
+    def _read_artifact(self, request, context):
         job = self.s.job(request.audit_id)
         artifacts = self._artifacts(job)
         if request.name not in artifacts:
@@ -276,7 +334,8 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             seconds = min(seconds, max(0.0, remaining - 0.5))
-        return convert.operation_of(self.s.wait_for(request.name, seconds, context))
+        with self.s.streams.hold(context):
+            return convert.operation_of(self.s.wait_for(request.name, seconds, context))
 
 
 SERVICE_NAMES = [

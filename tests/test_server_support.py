@@ -262,6 +262,7 @@ class ServerProcess:
         self.args = list(args)
         self.process: subprocess.Popen | None = None
         self.address = ""
+        self.health_address = ""  # the health-only port, never starved by streams
 
     @property
     def token(self) -> str:
@@ -301,6 +302,7 @@ class ServerProcess:
                 data = json.loads(info.read_text())
                 if data["pid"] == self.process.pid:
                     self.address = data["address"]
+                    self.health_address = data["health_address"]
                     wait_serving(self.address, deadline - time.monotonic(), self.tls_root)
                     return self
             time.sleep(0.1)
