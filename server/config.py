@@ -73,6 +73,9 @@ class ServerConfig:
     artifact_chunk_bytes: int = 1024 * 1024
     max_queued: int = 64
     workers: int = 0  # 0: one per GPU, or one on CPU
+    # Memory a job's worker may allocate (RLIMIT_DATA, bytes); 0: no limit of its own.
+    # Over it, the job fails with RESOURCE_EXHAUSTED instead of the kernel killing a process.
+    worker_memory_bytes: int = 0
     gpus: list[int] = field(
         default_factory=list
     )  # empty: detect (CUDA_VISIBLE_DEVICES, nvidia-smi)
@@ -163,8 +166,8 @@ class ServerConfig:
                 raise ConfigError(
                     f"allow_factories: {entry!r} is not of the form 'package.module:function'"
                 )
-        if self.max_weights_bytes < 1:
-            raise ConfigError("max_weights_bytes must be >= 1")
+        if self.max_weights_bytes < 1 or self.worker_memory_bytes < 0:
+            raise ConfigError("max_weights_bytes must be >= 1 and worker_memory_bytes >= 0")
         if self.max_queued < 1 or self.max_attempts < 1 or self.workers < 0:
             raise ConfigError("max_queued and max_attempts must be >= 1, workers >= 0")
         if not 1024 <= self.artifact_chunk_bytes <= self.max_message_bytes - 1024:

@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -200,6 +201,7 @@ class LocalExecutor:
                 log_level=setup.log_level,
                 cuda_visible_devices=setup.cuda_visible_devices,
                 progress_interval=min(0.5, self.config.poll_seconds),
+                memory_limit=self.config.worker_memory_bytes,
             )
             item = self._hand_to_spare(slot, task)
             if item is None:
@@ -243,10 +245,7 @@ class LocalExecutor:
             job = self.store.get(audit_id)
             if job.state == RUNNING and job.attempts == item.task.attempt:
                 # The worker wrote no outcome: we stopped it, or it crashed (OOM, signal).
-                state, error = item.outcome or (
-                    FAILED,
-                    ("INTERNAL", f"the worker process exited with code {item.process.exitcode}"),
-                )
+                state, error = item.outcome or (FAILED, _crash(item.process.exitcode))
                 self.store.finish(audit_id, item.task.attempt, state, error=error)
                 log.warning("job %s: %s (%s)", audit_id, error[1], state)
             self._on_finished(audit_id)
@@ -398,6 +397,18 @@ class LocalExecutor:
             if item.conn is not None:
                 item.conn.close()
             del self._running[audit_id]
+
+
+def _crash(exitcode: int | None) -> tuple[str, str]:
+    """The error of a worker that died without writing its outcome. A SIGKILL we did not
+    send is the kernel's OOM killer, the usual reason."""
+    if exitcode == -signal.SIGKILL:
+        return (
+            "RESOURCE_EXHAUSTED",
+            "the worker was killed by the kernel (SIGKILL), most likely out of memory: audit "
+            "fewer or smaller images (fit_images, batch_size) or give the server more memory",
+        )
+    return "INTERNAL", f"the worker process exited with code {exitcode}"
 
 
 def workdir_of(config: ServerConfig, audit_id: str) -> Path:

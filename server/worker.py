@@ -20,6 +20,7 @@ import json
 import logging
 import mimetypes
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -61,6 +62,7 @@ class WorkerTask:
     cuda_visible_devices: str | None = None
     progress_interval: float = 0.5
     environment: dict[str, str] = field(default_factory=dict)
+    memory_limit: int = 0  # bytes the job may allocate (RLIMIT_DATA); 0: none
 
     @property
     def setup(self) -> WorkerSetup:
@@ -302,6 +304,8 @@ def run_job(task: WorkerTask) -> None:
     store = JobStore(task.database_url)
     workdir = Path(task.workdir)
     try:
+        if task.memory_limit:  # the job's allocations fail (MemoryError) beyond it
+            resource.setrlimit(resource.RLIMIT_DATA, (task.memory_limit, task.memory_limit))
         job = store.get(task.audit_id)
         spec = convert.spec_from_json(job.spec_json)
         _prepare_workdir(workdir)

@@ -137,6 +137,13 @@ def run_audit(
             raise RuntimeError("secret detail at /srv/internal/path")
         elif kind == "exit":
             os._exit(3)
+        elif kind == "alloc":  # a job that needs more memory than it may have
+            bytearray(int(float(step[1])))
+        elif kind == "sigkill":  # what the kernel's OOM killer does
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "diskfull":  # the kernel's own ENOSPC: /dev/full refuses every write
+            with open("/dev/full", "wb") as handle:
+                handle.write(b"report")
     progress("report", 0.9, "writing artifacts")
     attribute = spec.attributes[0]
     subspaces = [
