@@ -205,13 +205,45 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def test_mutual_tls_from_the_client_and_the_cli(tmp_path, refs, capsys):
+    from cnp_client.cli import main
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "client").mkdir()
+    cert, key = _self_signed(tmp_path / "server")
+    client_cert, client_key = _self_signed(tmp_path / "client")  # its own CA
+    server = ServerProcess(
+        tmp_path / "data",
+        [refs],
+        args=["--no-tracking", "--tls-cert", str(cert), "--tls-key", str(key)]
+        + ["--tls-client-ca", str(client_cert)],
+    ).start()
+    try:
+        identity = {"client_certificate": client_cert, "client_key": client_key}
+        with AuditClient(
+            server.address, token=server.token, root_certificates=cert, **identity
+        ) as c:
+            assert c.metadata().tls and c.audit(make_spec(refs), timeout=60).audit_id
+        anonymous = AuditClient(
+            server.address, token=server.token, root_certificates=cert, retries=0, timeout=3
+        )
+        with anonymous, pytest.raises(Unavailable):  # no client certificate: no handshake
+            anonymous.metadata()
+        connection = ["--server", server.address, "--token-file", str(server.data_dir / "token")]
+        tls = ["--tls-ca", str(cert), "--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+        assert main(["jobs", *connection, *tls]) == 0
+        assert main(["jobs", *connection, *tls[:4]]) == 2
+        assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+    finally:
+        server.stop()
+
+
 def test_tls_with_a_given_certificate(tmp_path, refs):
     cert, key = _self_signed(tmp_path)
     server = ServerProcess(
         tmp_path / "data",
         [refs],
         args=["--no-tracking", "--tls-cert", str(cert), "--tls-key", str(key)],
-        tls_root=cert,
     ).start()
     try:
         with AuditClient(server.address, token=server.token, root_certificates=cert) as client:

@@ -251,10 +251,8 @@ class ServerProcess:
         engine: str = "test_server_support",
         settings: dict[str, object] | None = None,
         args: Sequence[str] = (),
-        tls_root: Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.tls_root = tls_root  # CA certificate to probe a TLS server's health with
         self.allow_roots = list(allow_roots)
         self.engine = engine
         self.settings = {
@@ -310,7 +308,9 @@ class ServerProcess:
                 if data["pid"] == self.process.pid:
                     self.address = data["address"]
                     self.health_address = data["health_address"]
-                    wait_serving(self.address, deadline - time.monotonic(), self.tls_root)
+                    # The health-only port speaks plaintext whatever the main port
+                    # asks of clients (TLS, client certificates).
+                    wait_serving(self.health_address, deadline - time.monotonic())
                     return self
             time.sleep(0.1)
         self.kill()
@@ -336,18 +336,13 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def wait_serving(address: str, timeout: float, tls_root: Path | None = None) -> None:
+def wait_serving(address: str, timeout: float) -> None:
     """Block until the health service says SERVING (no token needed)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + max(timeout, 1.0)
-    if tls_root is not None:
-        credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_root).read_bytes())
-        channel = grpc.secure_channel(address, credentials)
-    else:
-        channel = grpc.insecure_channel(address)
-    with channel:
+    with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
