@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cnp.v1 import service_pb2_grpc
 
-from . import __version__
+from . import __version__, logs
 from .auth import BearerTokenInterceptor, ensure_token
 from .config import ConfigError, ServerConfig, load_config
 from .engine import load_engine
@@ -219,10 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"cnp-server: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(config.log_level)
     log.info("effective configuration: %s", json.dumps(config.masked(), sort_keys=True))
     app = Application(config)
     try:

@@ -470,3 +470,37 @@ def test_metric_names_from_dataset_values_are_valid_for_mlflow(value):
     assert len(key) <= MAX_KEY
     assert key != _key("audit", "wm", value + "x", "layer2", "s0", "ap_attribute.ci_low")
     assert _key("a", "ü") != _key("a", "ö")
+
+
+def test_a_failure_loop_logs_once_per_window_and_counts_the_rest():
+    from cnp_server.logs import RepeatFilter
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # keep what passes the filter
+    handler.addFilter(RepeatFilter(window=0.2))
+    logger = logging.getLogger("cnp-test-repeats")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for _ in range(100):  # the executor's loop every poll while the disk is full
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                logger.exception("executor loop error")
+        logger.warning("job %s started", "aud-1")  # other messages still pass
+        logger.warning("job %s started", "aud-2")
+        time.sleep(0.25)
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            logger.exception("executor loop error")
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert messages == [
+        "executor loop error",
+        "job aud-1 started",
+        "job aud-2 started",
+        "executor loop error (99 identical messages in the last 0.2 s not logged)",
+    ]
