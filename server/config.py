@@ -60,7 +60,7 @@ class ServerConfig:
     tracking_http_retries: int = 1
     tracking_http_timeout: float = 10.0
     # A job's MLflow record is retried with back-off (tracking_retry_seconds, doubling, at
-    # most an hour apart) and given up, as tracking state "failed", after this many tries.
+    # most 10 times it apart) and given up, as tracking state "failed", after this many.
     tracking_max_attempts: int = 20
     # Bearer-token auth; with no token configured one is generated at DATA_DIR/token.
     auth: bool = True

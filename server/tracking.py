@@ -40,7 +40,9 @@ _BATCH = 500  # MLflow accepts at most 1000 metrics per log_batch
 
 
 MAX_KEY = 250  # MLflow's limit on metric and param names
-MAX_BACKOFF = 3600.0  # seconds between two tries of one job's record, at most
+# A job's record waits at most this many tracking_retry_seconds between two tries (10 min
+# by default): a store back from an outage receives every record soon after.
+MAX_BACKOFF_FACTOR = 10
 _STOP_AFTER = 3  # consecutive failures in one pass: the tracking store is probably away
 
 
@@ -296,7 +298,9 @@ class Tracker:
     def _failed(self, job: JobRecord, message: str) -> None:
         attempts = job.tracking_attempts + 1
         if attempts < self.config.tracking_max_attempts:
-            delay = min(self.config.tracking_retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF)
+            delay = self.config.tracking_retry_seconds * min(
+                2 ** (attempts - 1), MAX_BACKOFF_FACTOR
+            )
             self._retry_at[job.id] = time.monotonic() + delay
             self.store.set_tracking(job.id, error=message)
             log.warning("MLflow logging of %s failed; retry in %.0f s: %s", job.id, delay, message)

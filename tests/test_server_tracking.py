@@ -172,6 +172,8 @@ def test_outage_then_a_real_mlflow_server_receives_the_run(tmp_path):
             pending = store.get(job.id)
             assert pending.tracking_state == TRACKING_PENDING and pending.tracking_error
             store.close()
+            seen = client.get(job.id)  # what a client (and `cnp jobs`) sees of the record
+            assert seen.tracking_state == "pending" and seen.tracking_error
             model = client.download_model(job.id, tmp_path / "downloaded.safetensors")
 
             log = (tmp_path / "mlflow.log").open("w")
@@ -195,6 +197,7 @@ def test_outage_then_a_real_mlflow_server_receives_the_run(tmp_path):
             )
             run_id = wait_for(lambda: client.get(job.id).mlflow_run_id, timeout=120, interval=0.5)
             wait_for(lambda: _tracking_state(server) == TRACKING_DONE, timeout=60)
+            assert client.get(job.id).tracking_state == "done"
 
         # Read back through MLflow's REST API: an independent check of what the server holds.
         experiment = _rest(uri, "experiments/get-by-name?experiment_name=cnp-audits")
