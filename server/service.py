@@ -167,7 +167,7 @@ class ConceptAuditServicer(service_pb2_grpc.ConceptAuditServicer):
             spec.validate()
             check_references(spec, s.config)
             s.engine.validate(spec, [Path(r) for r in s.config.allow_roots])
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # an engine's exit must not end this thread
             code, message = classify(exc)
             job = s.store.create(
                 spec_json, request_id=request_id, error=(code, message), stage=STAGE_VALIDATE

@@ -257,6 +257,10 @@ def test_bad_spec_is_refused_stored_as_failed_and_the_next_job_succeeds(client, 
         spec = make_spec(refs)
         spec.model.weights = str(refs / "missing.safetensors")
         client.submit(spec)
+    started = time.monotonic()
+    with pytest.raises(Internal, match="correlation id") as exited:  # SystemExit: no hang
+        client.submit(make_spec(refs, "exit-on-validate"))
+    assert time.monotonic() - started < 5 and client.get(exited.value.audit_id).state == "FAILED"
     assert client.audit(make_spec(refs), timeout=60).audit_id
 
 
