@@ -329,6 +329,7 @@ class JobStore:
             error_code="CANCELLED",
             error_message=message,
             finished_at=now,
+            tracking_state=TRACKING_PENDING,  # an accepted job: its run records the cancel
         )
         self._update(
             JobRow.id == audit_id,
