@@ -10,9 +10,10 @@ real pipeline runs in the end-to-end tests (test_server_e2e.py).
 
 The script is the first layer name of the spec, steps separated by ';':
 ``sleep:N`` N steps of 0.1 s in stage "work" (cancellable) | ``stage:NAME:N`` same in
-stage NAME | ``stubborn:N`` N steps ignoring cancellation | ``fail:CODE`` raise a
-CnpError with that status | ``crash`` raise an unexpected error | ``exit`` kill the
-worker process without an outcome. An empty script succeeds at once.
+stage NAME | ``stubborn:N`` N steps ignoring cancellation | ``hold:NAME:PATH`` stay in
+stage NAME until the file PATH exists (cancellable) | ``fail:CODE`` raise a CnpError with
+that status | ``crash`` raise an unexpected error | ``exit`` kill the worker process
+without an outcome. An empty script succeeds at once.
 """
 
 from __future__ import annotations
@@ -94,6 +95,14 @@ def _steps(
         time.sleep(STEP)
 
 
+def _hold(stage: str, gate: Path, progress: Callable, cancelled: Callable | None) -> None:
+    while not gate.exists():
+        if cancelled is not None and cancelled():
+            raise Cancelled("the job was cancelled")
+        progress(stage, 0.5, f"{stage}: waiting for {gate.name}")
+        time.sleep(STEP)
+
+
 def _metric(value: float, base: float = 0.0) -> Metric:
     return Metric(
         value=value, ci_low=max(0.0, value - 0.05), ci_high=min(1.0, value + 0.05), base_rate=base
@@ -134,6 +143,8 @@ def run_audit(
             _steps(step[1], int(step[2]), progress, cancelled, stubborn=False)
         elif kind == "stubborn":
             _steps("work", int(step[1]), progress, cancelled, stubborn=True)
+        elif kind == "hold":  # a stage that lasts until the test says so (a gate file)
+            _hold(step[1], Path(":".join(step[2:])), progress, cancelled)
         elif kind == "fail":
             raise _Failure(step[1])
         elif kind == "crash":
