@@ -283,3 +283,11 @@ def timed(run: Callable[..., BenchResult], **options: Any) -> BenchResult:
     result.machine = machine_info(options.get("device", "cpu"))
     result.quick = bool(options.get("quick", False))
     return result
+
+
+def main(run: Callable[..., dict[str, Any]], doc: str, argv: list[str] | None = None) -> int:
+    """The command line of a benchmark whose ``run(quick, write)`` measures and reports."""
+    args = parser(doc.splitlines()[0]).parse_args(argv)
+    set_threads(args.threads)
+    run(args.quick, not args.no_write)
+    return 0

@@ -174,10 +174,7 @@ def run(quick: bool = False, write: bool = True) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    common.set_threads(args.threads)
-    run(args.quick, not args.no_write)
-    return 0
+    return common.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
