@@ -89,14 +89,19 @@ FAMILIES = (
 ARCHITECTURES = tuple(name for family in FAMILIES for name in family.names)
 
 
-def build(name: str, num_classes: int) -> nn.Module:
-    """The architecture ``name`` with fresh weights (never downloaded)."""
+def check_name(name: str) -> None:
+    """A :class:`ModelError` naming the allowed architectures unless ``name`` is one."""
     if name not in ARCHITECTURES:
         close = difflib.get_close_matches(name, ARCHITECTURES, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(
             f"unknown architecture {name!r}{hint}; allowed: {', '.join(ARCHITECTURES)}"
         )
+
+
+def build(name: str, num_classes: int) -> nn.Module:
+    """The architecture ``name`` with fresh weights (never downloaded)."""
+    check_name(name)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import layer_of
+from .architectures import check_name, layer_of
 from .concepts import context_composite, learn_concepts
 from .data import ImageTable, SplitRows, load_dataset, split_rows, validate_images
 from .debias import check_prune, concept_to_remove, debias
@@ -26,7 +26,7 @@ from .errors import DatasetError, ModelError
 from .evaluation import evaluate_table
 from .export import save_pruned
 from .heatmaps import audit_heatmaps
-from .models import check_weights_file, load_model
+from .models import check_weights_file, get_layer, load_model
 from .paths import file_sha256, resolve_inside
 from .report import summary, versions, write_report
 from .results import AuditResult
@@ -45,6 +45,8 @@ def _load(
     # spec records what ran.
     if not spec.layers:
         spec.layers = [layer_of(model, spec.dataset.input_size)]
+    for layer in spec.layers:  # before any image is read: a wrong name fails at load
+        get_layer(model, layer)
     spec.composite = context_composite(spec)
     table = load_dataset(spec.dataset, spec.attributes, allowed_roots=allowed_roots)
     _check_classes(spec, table)
@@ -64,10 +66,13 @@ def _check_classes(spec: AuditSpec, table: ImageTable) -> None:
 
 
 def validate(spec: AuditSpec, allowed_roots: Sequence[Path] | None = None) -> ImageTable:
-    """Fail fast and cheaply (the server calls it on submit): the spec, the weights file's
-    size and header, labels.csv and its image paths. Nothing is built, imported, loaded or
-    decoded: the model, its layers and the images are checked when the job runs."""
+    """Fail fast and cheaply (the server calls it on submit): the spec, the architecture's
+    name, the weights file's size and header, labels.csv and its image paths. Nothing is
+    built, imported, loaded or decoded: the model, its layers and the images are checked
+    when the job runs."""
     spec.validate()
+    if spec.model.architecture:
+        check_name(spec.model.architecture)
     if spec.model.weights:
         path = resolve_inside(spec.model.weights, allowed_roots, "weights", ModelError)
         check_weights_file(path, spec.model.weights)

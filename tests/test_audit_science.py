@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("benchmarks")]
 
 # The spec's defaults (plain-gradient contexts, K chosen from 4 and 8, one DRSA start of
 # at most 150 epochs, resnet18's default layer: layer2 at 64 px); only the report's

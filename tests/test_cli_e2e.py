@@ -21,7 +21,7 @@ from test_server_support import ServerProcess
 
 from cnp_core.synthetic import ensure_benchmark
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("benchmarks")]
 CNP = Path(sys.executable).parent / "cnp"
 
 

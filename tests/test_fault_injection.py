@@ -33,6 +33,7 @@ in the stage it names without racing a clock.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -80,6 +81,8 @@ SCENARIOS: list[tuple[str, str, str, str]] = [
     ("model", "truncated safetensors file", "INVALID_ARGUMENT", SUBMIT),
     ("model", "safetensors file with a junk header", "INVALID_ARGUMENT", SUBMIT),
     ("model", "resnet18 weights for a mobilenet_v3_small", "INVALID_ARGUMENT", JOB),
+    ("model", "unknown architecture", "INVALID_ARGUMENT", SUBMIT),
+    ("model", "layer the model does not have", "INVALID_ARGUMENT", JOB),
     ("model", "model factory not in allow_factories", "PERMISSION_DENIED", SUBMIT),
     ("model", "weights path escaping the roots with ..", "PERMISSION_DENIED", SUBMIT),
     ("model", "weights symlink in a root leading outside", "PERMISSION_DENIED", SUBMIT),
@@ -628,6 +631,11 @@ def _real_inputs(base: Path) -> dict[str, tuple[AuditSpec, str]]:
         "resnet18 weights for a mobilenet_v3_small": (
             spec(architecture="mobilenet_v3_small"),
             "do not fit the model",
+        ),
+        "unknown architecture": (spec(architecture="resnet1000"), "unknown architecture"),
+        "layer the model does not have": (
+            dataclasses.replace(spec(), layers=["layer9"]),
+            "no layer 'layer9'",
         ),
         "model factory not in allow_factories": (
             spec(architecture="", factory="os:system"),

@@ -714,6 +714,7 @@ def test_experiment_end_to_end_with_cav_and_relearning():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("benchmarks")
 def test_prune_stage_of_the_pipeline(tmp_path):
     """CNP as the pipeline's optional stage, from a real audit on the benchmark."""
     from cnp_core import pipeline

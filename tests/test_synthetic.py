@@ -291,6 +291,7 @@ def _evaluate(bench) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("benchmarks")
 def test_a_model_trained_with_the_shortcut_relies_on_the_watermark():
     result = _evaluate(ensure_benchmark())  # default cache: trained once, then reused
     groups = result["groups"]
@@ -301,6 +302,7 @@ def test_a_model_trained_with_the_shortcut_relies_on_the_watermark():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("benchmarks")
 def test_a_model_trained_without_correlation_ignores_the_watermark():
     result = _evaluate(ensure_benchmark(correlation=0.5))
     assert result["clean"] >= 0.80
@@ -318,6 +320,7 @@ def test_a_model_trained_without_correlation_ignores_the_watermark():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("benchmarks")
 def test_a_model_trained_with_the_text_shortcut_relies_on_it():
     result = _evaluate(ensure_benchmark(style="text"))
     groups = result["groups"]
