@@ -30,7 +30,7 @@ from .errors import Cancelled, DatasetError
 from .lrp import Explainer
 from .methods import ConceptMethod, concept_method, fit_subspaces
 from .pruning.projection import Projection, union_projection
-from .results import AttributeAudit
+from .results import AttributeAudit, class_label, class_name
 from .spec import AuditSpec
 from .stages import StepCallback
 from .subspaces import ConceptBasis
@@ -137,7 +137,10 @@ def learn_concepts(
     fit_mask = pair if method.supervised else positive
     fit_rows = subsample(splits.train[fit_mask[splits.train]], spec.fit_images, spec.seed)
     if len(fit_rows) == 0:
-        raise DatasetError(f"no training images of class {spec.positive_class} to fit subspaces on")
+        positive = class_label(
+            spec.positive_class, class_name(table.class_names, spec.positive_class)
+        )
+        raise DatasetError(f"no training images of {positive} to fit subspaces on")
     composite = context_composite(spec)
     with Explainer(model, spec.layers, composite, device=spec.device) as explainer:
         instances = collect_instances(

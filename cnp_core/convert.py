@@ -157,6 +157,7 @@ def _evaluation(e: Evaluation) -> report_pb2.Evaluation:
             count=g.count,
             accuracy=_metric(g.accuracy),
             too_small=g.too_small,
+            label_name=g.label_name,
         )
         for g in e.groups
     ]
@@ -180,6 +181,7 @@ def _evaluation_back(e: report_pb2.Evaluation) -> Evaluation:
             count=g.count,
             accuracy=_metric_back(g.accuracy),
             too_small=g.too_small,
+            label_name=g.label_name,
         )
         for g in e.groups
     ]
@@ -214,6 +216,7 @@ def report_to_proto(
         timings=result.timings,
         versions=result.versions,
         service_version=service_version,
+        class_names=result.class_names,
     )
     if result.before is not None:
         report.before.CopyFrom(_evaluation(result.before))
@@ -267,6 +270,7 @@ def result_from_proto(report: report_pb2.AuditReport) -> AuditResult:
         timings=dict(report.timings),
         versions=dict(report.versions),
         artifacts={a.name: a.name for a in report.artifacts},
+        class_names=list(report.class_names),
     )
 
 

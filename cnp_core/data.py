@@ -6,6 +6,11 @@ must stay inside the dataset root, and the root inside the allowed roots. Images
 decoded by PIL under a per-image pixel cap (decompression bombs become
 :class:`DatasetError`). A *split* is the ``split`` column's value: train, val or test.
 
+A label is a class index or a class name. Names need the model's class names in output
+order, from ``model.classes`` or from a ``classes.txt`` beside labels.csv (one name per
+line). The order is never guessed: a model trained on a torchvision ImageFolder has the
+sorted folder names, which must be written out.
+
 Error messages name paths as the user gave them (dataset root) or relative to the dataset
 root (images), never the server's absolute paths.
 """
@@ -18,7 +23,7 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -28,12 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import DatasetError
 from .paths import PathLike, file_sha256, listing, resolve_inside
-from .spec import DatasetRef
+from .spec import MAX_CLASSES, MAX_NAME, DatasetRef, check_class_names
 
 REQUIRED_COLUMNS = ("path", "label", "split")
 SPLITS = ("train", "val", "test")
 TRUE_VALUES = frozenset({"1", "true", "yes"})
 FALSE_VALUES = frozenset({"0", "false", "no"})
+CLASSES_FILE = "classes.txt"
+MAX_CLASSES_BYTES = MAX_CLASSES * (MAX_NAME + 2)  # every name at its longest, with CRLF
 
 # -------------------------------------------------------------------------- datasets
 
@@ -47,8 +54,9 @@ class ImageTable:
     labels: np.ndarray  # int64 class indices
     splits: np.ndarray  # str: "train" | "val" | "test"
     attributes: dict[str, np.ndarray]  # requested attribute -> str values as written
-    digest: str  # sha256 over labels.csv and every image's bytes
+    digest: str  # sha256 over labels.csv, classes.txt if any, and every image's bytes
     max_pixels: int = DatasetRef.max_pixels  # decompression-bomb cap per image
+    class_names: list[str] = field(default_factory=list)  # output order; empty: none given
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -139,11 +147,30 @@ def load_dataset(
     ref: DatasetRef,
     attributes: list[str],
     *,
+    classes: Sequence[str] = (),
     allowed_roots: Sequence[PathLike] | None = None,
     digest: bool = True,
 ) -> ImageTable:
     """Read and check ``<root>/labels.csv`` and the image paths it lists; with ``digest``,
-    hash every image (without, the table's digest is empty and no image is read)."""
+    hash every image (without, the table's digest is empty and no image is read).
+
+    ``classes``: the model's class names (``model.classes``); a ``classes.txt`` beside
+    labels.csv must then name the same. Labels given by name become their indices.
+    """
+    try:
+        return _load_table(ref, attributes, classes, allowed_roots, digest)
+    except DatasetError as err:  # what the dataset holds is reached through dataset.root
+        err.field = err.field or "dataset.root"
+        raise
+
+
+def _load_table(
+    ref: DatasetRef,
+    attributes: list[str],
+    classes: Sequence[str],
+    allowed_roots: Sequence[PathLike] | None,
+    digest: bool,
+) -> ImageTable:
     if not ref.root:
         raise DatasetError("dataset.root is required")
     root = resolve_inside(ref.root, allowed_roots, "dataset root", DatasetError)
@@ -167,7 +194,8 @@ def load_dataset(
             f"labels.csv is not UTF-8 text ({err.reason} at byte {err.start})"
         ) from None
     _refuse_control_characters(text)
-    rows = _parse_csv(text, attributes)
+    names, classes_txt = _class_names(root, classes)
+    rows = _parse_csv(text, attributes, names)
     paths = [r[0] for r in rows]
     _check_paths(root, paths, [r[3] for r in rows])
     table = ImageTable(
@@ -178,8 +206,9 @@ def load_dataset(
         attributes={
             name: np.array([r[4][i] for r in rows], dtype=str) for i, name in enumerate(attributes)
         },
-        digest=_digest(raw, root, paths) if digest else "",
+        digest=_digest(raw, root, paths, classes_txt) if digest else "",
         max_pixels=ref.max_pixels,
+        class_names=names,
     )
     for name in attributes:
         distinct = table.values(name)
@@ -199,17 +228,78 @@ _Row = tuple[str, int, str, int, list[str]]
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def _refuse_control_characters(text: str) -> None:
+def _refuse_control_characters(
+    text: str, name: str = "labels.csv", what: str = "paths and attribute values"
+) -> None:
     found = _CONTROL.search(text)
     if found:
         line = text.count("\n", 0, found.start()) + 1
         raise DatasetError(
-            f"labels.csv line {line}: control character U+{ord(found.group()):04X}; "
-            "paths and attribute values must be printable text"
+            f"{name} line {line}: control character U+{ord(found.group()):04X}; "
+            f"{what} must be printable text"
         )
 
 
-def _parse_csv(text: str, attributes: list[str]) -> list[_Row]:
+def _class_names(root: Path, classes: Sequence[str]) -> tuple[list[str], bytes]:
+    """The class names, ``classes`` (the model's) or classes.txt's, equal when both exist;
+    and classes.txt's bytes (b"" without one)."""
+    listed, raw = _read_classes_file(root)
+    if classes and listed and list(classes) != listed:
+        pairs = enumerate(zip(classes, listed, strict=False))
+        where = next((i for i, (given, read) in pairs if given != read), None)
+        detail = (
+            f"model.classes[{where}] is {classes[where]!r}, classes.txt line {where + 1} "
+            f"is {listed[where]!r}"
+            if where is not None
+            else f"model.classes names {len(classes)} classes, classes.txt {len(listed)}"
+        )
+        raise DatasetError(
+            f"model.classes and {CLASSES_FILE} disagree ({detail}): give the class names "
+            "once, or the same in both",
+            field="model.classes",
+        )
+    return list(classes) or listed, raw
+
+
+def _read_classes_file(root: Path) -> tuple[list[str], bytes]:
+    """classes.txt's names, one a line (UTF-8, surrounding spaces ignored), and its bytes;
+    nothing without one."""
+    path = root / CLASSES_FILE
+    if not path.exists():
+        return [], b""
+    if not path.resolve().is_relative_to(root):
+        raise DatasetError(f"{CLASSES_FILE} is a symlink that leads outside the dataset root")
+    if not path.is_file():
+        raise DatasetError(f"{CLASSES_FILE} is not a file")
+    size = path.stat().st_size
+    if size > MAX_CLASSES_BYTES:
+        raise DatasetError(
+            f"{CLASSES_FILE} is {size} bytes, over the limit of {MAX_CLASSES_BYTES} "
+            f"({MAX_CLASSES} names of at most {MAX_NAME} characters)"
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetError(
+            f"{CLASSES_FILE} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    _refuse_control_characters(text, CLASSES_FILE, "class names")
+    # split("\n"), not splitlines(): U+2028 and friends would shift the line numbers.
+    lines = [line.strip() for line in text.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    check_class_names(
+        lines,
+        CLASSES_FILE,
+        lambda i: f"{CLASSES_FILE} line {i + 1}",
+        DatasetError,
+        field="dataset.root",
+    )
+    return lines, raw
+
+
+def _parse_csv(text: str, attributes: list[str], names: Sequence[str] = ()) -> list[_Row]:
     reader = csv.reader(io.StringIO(text))
     try:
         header = next(reader, None)
@@ -237,6 +327,7 @@ def _parse_csv(text: str, attributes: list[str]) -> list[_Row]:
                 f"attribute columns: {listed}"
             )
         at = {name: columns.index(name) for name in (*REQUIRED_COLUMNS, *attributes)}
+        index = {name: i for i, name in enumerate(names)}
         rows: list[_Row] = []
         seen: dict[str, int] = {}
         for cells in reader:
@@ -257,7 +348,7 @@ def _parse_csv(text: str, attributes: list[str]) -> list[_Row]:
             rows.append(
                 (
                     path,
-                    _label(cells[at["label"]], line),
+                    _label(cells[at["label"]], line, index),
                     _split(cells[at["split"]], line),
                     line,
                     [cells[at[name]].strip() for name in attributes],
@@ -270,13 +361,25 @@ def _parse_csv(text: str, attributes: list[str]) -> list[_Row]:
     return rows
 
 
-def _label(cell: str, line: int) -> int:
+def _label(cell: str, line: int, index: dict[str, int]) -> int:
+    """A class index, or a class name's index: a name that reads as an index stands at
+    that index (check_class_names), so both readings agree."""
     text = cell.strip()
-    if not re.fullmatch(r"\d+", text):
+    if text in index:
+        return index[text]
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    if index:
         raise DatasetError(
-            f"labels.csv line {line}: label {text!r} is not a class index (an integer >= 0)"
+            f"labels.csv line {line}: label {text!r} is neither a class name nor a class "
+            f"index; classes: {listing([repr(n) for n in index])}"
         )
-    return int(text)
+    raise DatasetError(
+        f"labels.csv line {line}: label {text!r} is not a class index (an integer >= 0), "
+        "and no class names are given to read it as a name: list them in model.classes or "
+        f"in a {CLASSES_FILE} beside labels.csv, one per line in the model's output order "
+        "(for a model trained on a torchvision ImageFolder: its sorted folder names)"
+    )
 
 
 def _split(cell: str, line: int) -> str:
@@ -306,8 +409,9 @@ def _check_paths(root: Path, paths: Sequence[str], lines: Sequence[int]) -> None
             raise DatasetError(f"{where}: no such image file")
 
 
-def _digest(csv_bytes: bytes, root: Path, paths: Iterable[str]) -> str:
-    """sha256 of labels.csv and of every image's (path, content sha256), in sorted order.
+def _digest(csv_bytes: bytes, root: Path, paths: Iterable[str], classes_txt: bytes = b"") -> str:
+    """sha256 of labels.csv, of classes.txt when there is one (it gives name labels their
+    meaning) and of every image's (path, content sha256), in sorted order.
 
     Files are hashed on a few threads: hashlib releases the GIL, so reading and hashing
     overlap across files.
@@ -317,6 +421,8 @@ def _digest(csv_bytes: bytes, root: Path, paths: Iterable[str]) -> str:
         hashes = list(pool.map(lambda p: file_sha256(root / p), unique))
     total = hashlib.sha256(b"labels.csv\0")
     total.update(hashlib.sha256(csv_bytes).digest())
+    if classes_txt:  # after labels.csv: datasets without one keep their digest
+        total.update(b"classes.txt\0" + hashlib.sha256(classes_txt).digest())
     for path, digest in zip(unique, hashes, strict=True):
         total.update(f"{path}\0{digest}\n".encode())
     return total.hexdigest()

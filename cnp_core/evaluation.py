@@ -3,9 +3,10 @@
 A group is (class, attribute, value) for every audited attribute and each of its values
 (one attribute at a time: class x attribute value). Groups with fewer than
 ``min_group_size`` samples are reported with ``too_small=True`` and left out of the
-worst group, never averaged in silently. Every accuracy carries a bootstrap 95 %
-interval from :mod:`cnp_core.metrics`. The model's cost comes with it: parameters,
-multiply-accumulates (the "FLOPs" of model papers) and the median CPU latency at batch 1.
+worst group, never averaged in silently. A named class shows as ``ring (3)``. Every
+accuracy carries a bootstrap 95 % interval from :mod:`cnp_core.metrics`. The model's
+cost comes with it: parameters, multiply-accumulates (the "FLOPs" of model papers) and
+the median CPU latency at batch 1.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from .data import ImageDataset, make_loader
 from .errors import GroupTooSmall, InvalidSpec
 from .metrics import accuracy, balanced_accuracy
-from .results import Evaluation, GroupMetric, Metric
+from .results import Evaluation, GroupMetric, Metric, class_label, class_name
 
 
 def predict(
@@ -46,8 +47,9 @@ def predict(
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def group_name(label: int, attribute: str, value: str) -> str:
-    return f"class {label} + {attribute}={value}"
+def group_name(label: int, attribute: str, value: str, label_name: str = "") -> str:
+    """``class 3 + wm=1``, or ``ring (3) + wm=1`` for a named class."""
+    return f"{class_label(label, label_name)} + {attribute}={value}"
 
 
 def find_group(evaluation: Evaluation, label: int, attribute: str, value: str) -> GroupMetric:
@@ -66,9 +68,11 @@ def evaluate_predictions(
     resamples: int = 200,
     seed: int = 0,
     min_group_size: int = 10,
+    class_names: Sequence[str] = (),
 ) -> Evaluation:
     """Balanced accuracy, accuracy of every group (label x attribute value) with its size,
-    and the worst group among those with at least ``min_group_size`` samples."""
+    and the worst group among those with at least ``min_group_size`` samples.
+    ``class_names``: the model's, in output order (empty: classes are shown by index)."""
     labels = np.asarray(labels)
     predictions = np.asarray(predictions)
     if labels.shape != predictions.shape or labels.size == 0:
@@ -95,6 +99,7 @@ def evaluate_predictions(
                         count=count,
                         accuracy=accuracy(correct[members], resamples=resamples, seed=seed),
                         too_small=count < min_group_size,
+                        label_name=class_name(class_names, int(label)),
                     )
                 )
     usable = [g for g in groups if not g.too_small]
@@ -107,7 +112,7 @@ def evaluate_predictions(
         worst = min(usable, key=lambda g: (g.accuracy.value, g.label, g.attribute, g.value))
         worst_metric, worst_name = (
             worst.accuracy,
-            group_name(worst.label, worst.attribute, worst.value),
+            group_name(worst.label, worst.attribute, worst.value, worst.label_name),
         )
     else:  # no attributes: the worst class stands in for the worst group
         per_class = {
@@ -115,7 +120,8 @@ def evaluate_predictions(
             for c in np.unique(labels)
         }
         label = min(per_class, key=lambda c: per_class[c].value)
-        worst_metric, worst_name = per_class[label], f"class {label}"
+        worst_metric = per_class[label]
+        worst_name = class_label(label, class_name(class_names, label))
     return Evaluation(
         balanced_accuracy=balanced_accuracy(labels, predictions, resamples=resamples, seed=seed),
         worst_group_accuracy=worst_metric,
@@ -155,6 +161,7 @@ def evaluate(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     latency_repeats: int = 30,
+    class_names: Sequence[str] = (),
 ) -> Evaluation:
     """:func:`evaluate_predictions` of the model's predictions on ``data`` (same order as
     ``labels`` and ``attributes``), plus its size and cost when ``example_input`` is given
@@ -167,6 +174,7 @@ def evaluate(
         resamples=resamples,
         seed=seed,
         min_group_size=min_group_size,
+        class_names=class_names,
     )
     if example_input is not None:
         params, macs, latency = model_cost(model, example_input, repeats=max(latency_repeats, 1))
@@ -197,4 +205,5 @@ def evaluate_table(model: nn.Module, table, indices, spec, device: str = "cpu") 
         min_group_size=spec.min_group_size,
         batch_size=spec.batch_size,
         device=device,
+        class_names=table.class_names,
     )

@@ -165,7 +165,7 @@ def load_benchmark(config: ExperimentConfig, seed: int):
     )
     spec = bench.audit_spec()
     model = load_model(spec.model)
-    table = load_dataset(spec.dataset, spec.attributes)
+    table = load_dataset(spec.dataset, spec.attributes, classes=spec.model.classes)
     return bench, model, table, split_rows(table, spec.seed)
 
 

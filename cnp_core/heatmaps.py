@@ -19,6 +19,7 @@ from .concepts import ConceptAudit, context_composite  # noqa: E402
 from .data import ImageDataset, ImageTable, SplitRows  # noqa: E402
 from .lrp import Explainer  # noqa: E402
 from .paths import file_stem, inside  # noqa: E402
+from .results import class_label, class_name
 from .spec import AuditSpec  # noqa: E402
 
 
@@ -100,7 +101,12 @@ def audit_heatmaps(
             basis = concepts.concept_of(audit).basis.basis
             maps = subspace_heatmaps(explainer, images, spec.positive_class, audit.layer, basis)
             shown = (images * std + mean).permute(0, 2, 3, 1).numpy()
-            captions = [f"class {table.labels[i]}" for i in chosen]
+            captions = [
+                class_label(
+                    int(table.labels[i]), class_name(table.class_names, int(table.labels[i]))
+                )
+                for i in chosen
+            ]
             # Attribute values come from labels.csv: they name the file only through file_stem.
             stem = file_stem(audit.attribute + "=" + audit.value, audit.layer)
             path = inside(directory, f"heatmaps/{stem}.png")

@@ -12,6 +12,7 @@ server's absolute paths.
 
 import difflib
 import importlib
+import json
 import os
 import pickle
 import re
@@ -27,6 +28,7 @@ from torch import nn
 from . import architectures
 from .errors import LayerError, ModelError, UnsafeFile, WeightsMismatch
 from .paths import PathLike, listing, resolve_inside
+from .shapes import ARCHITECTURE_FILE, WEIGHTS_FILE, rebuild
 from .spec import FACTORY_PATTERN, ModelRef
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -269,12 +271,39 @@ def load_model(ref: ModelRef, *, allowed_roots: Sequence[PathLike] | None = None
     model = build_model(ref)
     if ref.weights:
         path = resolve_inside(ref.weights, allowed_roots, "weights", ModelError)
+        model = _compact_shapes(model, path, ref)
         state = read_state_dict(path, ref.weights)
         name = ref.architecture or ref.factory
         load_weights(
             model, state, f"weights {ref.weights!r} for {name} (num_classes={ref.num_classes})"
         )
     return model.to("cpu").eval()
+
+
+def _compact_shapes(model: nn.Module, weights: Path, ref: ModelRef) -> nn.Module:
+    """A compact (pruned) model cnp exported has its layer shapes in ``architecture.json``
+    beside its ``model.safetensors``: the model is rebuilt with those shapes (plain JSON,
+    only known layer types), so its weights fit."""
+    described = weights.parent / ARCHITECTURE_FILE
+    if weights.name != WEIGHTS_FILE or not described.is_file():
+        return model
+    try:
+        description = json.loads(described.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"the architecture.json beside {ref.weights!r} is unreadable") from err
+    if not isinstance(description, dict):
+        raise ModelError(f"the architecture.json beside {ref.weights!r} is not a description")
+    named = description.get("architecture", "")
+    if ref.architecture and named and named != ref.architecture:
+        raise ModelError(
+            f"weights {ref.weights!r} are a compact {named} model, not {ref.architecture}"
+        )
+    try:
+        return rebuild(description, base=model)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ModelError(
+            f"the architecture.json beside {ref.weights!r} does not describe this model"
+        ) from err
 
 
 def save_weights(model: nn.Module, path: PathLike) -> Path:

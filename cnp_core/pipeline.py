@@ -29,7 +29,7 @@ from .heatmaps import audit_heatmaps
 from .models import check_weights_file, get_layer, load_model
 from .paths import file_sha256, resolve_inside
 from .report import summary, versions, write_report
-from .results import AuditResult
+from .results import AuditResult, class_label, class_name
 from .spec import AuditSpec
 from .stages import ProgressCallback, Stages
 
@@ -48,21 +48,52 @@ def _load(
     for layer in spec.layers:  # before any image is read: a wrong name fails at load
         get_layer(model, layer)
     spec.composite = context_composite(spec)
-    table = load_dataset(spec.dataset, spec.attributes, allowed_roots=allowed_roots)
-    _check_classes(spec, table)
+    table = _load_table(spec, allowed_roots, digest=True)
     return model, table, split_rows(table, spec.seed)
 
 
+def _load_table(
+    spec: AuditSpec, allowed_roots: Sequence[Path] | None, *, digest: bool
+) -> ImageTable:
+    """labels.csv read against the model's classes; the spec's class names resolved to
+    indices (the spec then records both)."""
+    table = load_dataset(
+        spec.dataset,
+        spec.attributes,
+        classes=spec.model.classes,
+        allowed_roots=allowed_roots,
+        digest=digest,
+    )
+    _check_classes(spec, table)
+    return table
+
+
 def _check_classes(spec: AuditSpec, table: ImageTable) -> None:
-    """The labels fit the model's classes, and the audited classes have images."""
+    """The class names and labels fit the model's classes, the classes the spec names
+    exist, and the audited classes have images."""
+    names = table.class_names
+    if len(names) not in (0, spec.model.num_classes):
+        raise DatasetError(
+            f"classes.txt names {len(names)} classes, but the model has "
+            f"{spec.model.num_classes} (model.num_classes): give one name per output",
+            field="dataset.root",
+        )
+    spec.resolve_classes(names)
     top = int(table.labels.max())
     if top >= spec.model.num_classes:
         raise DatasetError(
-            f"labels.csv has label {top}, but the model has {spec.model.num_classes} classes"
+            f"labels.csv has label {top}, but the model has {spec.model.num_classes} classes",
+            field="dataset.root",
         )
-    for name, cls in (("positive", spec.positive_class), ("negative", spec.negative_class)):
+    for which, cls in (("positive", spec.positive_class), ("negative", spec.negative_class)):
         if cls >= 0 and not (table.labels == cls).any():
-            raise DatasetError(f"the {name} class {cls} has no images in labels.csv")
+            shown = class_label(cls, class_name(names, cls))
+            field = (
+                f"{which}_class_name" if getattr(spec, f"{which}_class_name") else f"{which}_class"
+            )
+            raise DatasetError(
+                f"the {which} class {shown} has no images in labels.csv", field=field
+            )
 
 
 def validate(spec: AuditSpec, allowed_roots: Sequence[Path] | None = None) -> ImageTable:
@@ -76,9 +107,7 @@ def validate(spec: AuditSpec, allowed_roots: Sequence[Path] | None = None) -> Im
     if spec.model.weights:
         path = resolve_inside(spec.model.weights, allowed_roots, "weights", ModelError)
         check_weights_file(path, spec.model.weights)
-    table = load_dataset(spec.dataset, spec.attributes, allowed_roots=allowed_roots, digest=False)
-    _check_classes(spec, table)
-    return table
+    return _load_table(spec, allowed_roots, digest=False)
 
 
 def run_audit(
@@ -119,6 +148,7 @@ def run_audit(
         before=before,
         versions=versions(),
         artifacts=artifacts,
+        class_names=table.class_names,
     )
     if spec.prune is not None:
         run.stage("prune", f"{spec.prune.method} pruning at rate {spec.prune.rate}")

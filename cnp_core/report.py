@@ -1,5 +1,6 @@
 """The report of an audit: report.json (the whole result), audit_table.csv (one row per
-subspace) and a plain-text summary for terminals and logs."""
+subspace) and a plain-text summary for terminals and logs. Classes show by name where
+the model has class names (``ring (3)``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from . import __version__
 from .audit import format_table
-from .results import AP_COLUMNS, AttributeAudit, AuditResult
+from .results import AP_COLUMNS, AttributeAudit, AuditResult, class_label, class_name
 from .safe_text import csv_cell, visible
 
 
@@ -63,11 +64,15 @@ def write_report(result: AuditResult, workdir: Path) -> None:
     result.artifacts["audit_table"] = str(table)
     report.write_text(json.dumps(_finite(result.to_dict()), indent=2, default=_json_default))
     columns = [field for field, _, _ in AP_COLUMNS]
+    # The class pair the ap_class columns predict, as the summaries show it.
+    pair = [_class_text(result, result.spec.positive_class)]
+    pair.append(_class_text(result, result.spec.negative_class))
     with table.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(
             ["attribute", "value", "layer", "k", "subspace", "flagged", "mean_relevance"]
             + [f"{c}{suffix}" for c in columns for suffix in ("", "_low", "_high", "_base")]
+            + ["positive_class", "negative_class"]
         )
         for audit in result.attributes:
             for row in audit.subspaces:
@@ -79,13 +84,26 @@ def write_report(result: AuditResult, workdir: Path) -> None:
                     [audit.attribute, audit.value, audit.layer, audit.n_subspaces, row.index]
                     + [row.index == audit.flagged_subspace, row.mean_relevance]
                     + cells
+                    + pair
                 )
                 writer.writerow(map(csv_cell, row_cells))  # names come from the dataset
 
 
+def _class_text(result: AuditResult, label: int) -> str:
+    """``ring (3)``, ``class 3``, or ``every other class`` for the negative class -1."""
+    if label < 0:
+        return "every other class"
+    return class_label(label, class_name(result.class_names, label))
+
+
 def summary(result: AuditResult) -> str:
     """The audit tables and group accuracies as plain text, for terminals and logs."""
-    parts = [format_table(_printable(audit)) for audit in result.attributes]
+    parts = []
+    if result.class_names:
+        positive = _class_text(result, result.spec.positive_class)
+        negative = _class_text(result, result.spec.negative_class)
+        parts.append(f"classes: {visible(positive)} vs {visible(negative)}")
+    parts += [format_table(_printable(audit)) for audit in result.attributes]
     for name, evaluation in (("before", result.before), ("after", result.after)):
         if evaluation is None:
             continue
@@ -97,7 +115,8 @@ def summary(result: AuditResult) -> str:
         for g in evaluation.groups:
             flag = "  (small)" if g.too_small else ""
             lines.append(
-                f"  class {g.label} {visible(g.attribute)}={visible(g.value)}: "
+                f"  {visible(class_label(g.label, g.label_name))} "
+                f"{visible(g.attribute)}={visible(g.value)}: "
                 f"{g.accuracy.value:.3f} "
                 f"[{g.accuracy.ci_low:.3f}, {g.accuracy.ci_high:.3f}] n={g.count}{flag}"
             )

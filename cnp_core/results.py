@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .spec import AuditSpec
+
+
+def class_label(label: int, name: str = "") -> str:
+    """How reports show a class: ``ring (3)`` when it has a name, else ``class 3``."""
+    return f"{name} ({label})" if name else f"class {label}"
+
+
+def class_name(names: Sequence[str], label: int) -> str:
+    """The name of class ``label`` in ``names`` (output order), or "" when it has none."""
+    return names[label] if 0 <= label < len(names) else ""
 
 
 @dataclass
@@ -71,6 +82,7 @@ class GroupMetric:
     count: int
     accuracy: Metric
     too_small: bool = False  # fewer samples than min_group_size: read with care
+    label_name: str = ""  # the class's name when the model has class names
 
 
 @dataclass
@@ -111,6 +123,7 @@ class AuditResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     versions: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> local path
+    class_names: list[str] = field(default_factory=list)  # output order; empty: none given
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -68,6 +68,25 @@ def test_small_group_becomes_worst_when_allowed():
     assert ev3.worst_group == "class 0 + watermark=1"
 
 
+def test_named_classes_name_their_groups_and_the_worst_group():
+    labels, pred, wm = _watermark_case()
+    names = ["three", "eight"]
+    ev = evaluate_predictions(labels, pred, {"watermark": wm}, resamples=0, class_names=names)
+    plain = evaluate_predictions(labels, pred, {"watermark": wm}, resamples=0)
+    assert {(g.label, g.label_name) for g in ev.groups} == {(0, "three"), (1, "eight")}
+    assert {g.label_name for g in plain.groups} == {""}
+    assert (
+        ev.worst_group == "three (0) + watermark=1" and plain.worst_group == "class 0 + watermark=1"
+    )
+    # The numbers do not depend on the names.
+    assert [g.accuracy for g in ev.groups] == [g.accuracy for g in plain.groups]
+    assert ev.balanced_accuracy == plain.balanced_accuracy
+    # Without attributes the worst class stands in, by name too.
+    assert evaluate_predictions(labels, pred, {}, resamples=0, class_names=names).worst_group == (
+        "three (0)"
+    )
+
+
 def test_multi_valued_and_several_attributes():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 300)

@@ -19,7 +19,6 @@ from functools import cache
 from pathlib import Path
 
 from cnp.v1 import spec_pb2
-from cnp_client.cli import SPEC_FLAGS
 from cnp_core.spec import AuditSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,13 +228,6 @@ def test_every_spec_field_is_in_the_proto():
         if leaf not in descriptor.fields_by_name:
             missing.append(name)
     assert not missing, f"spec fields missing from cnp.v1.AuditSpec: {missing}"
-
-
-def test_every_spec_field_has_one_cli_flag():
-    flagged = [flag.field for flag in SPEC_FLAGS]
-    assert sorted(flagged) == sorted(set(flagged)), "a field with two flags"
-    assert set(spec_fields()) - set(flagged) == set(), "spec fields without a flag"
-    assert set(flagged) - set(spec_fields()) == set(), "flags for fields the spec lacks"
 
 
 # --- the client without torch ---------------------------------------------------------------

@@ -174,6 +174,42 @@ def test_every_size_a_request_sets_is_bounded(change, expected):
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda s: setattr(s.model, "architecture", ""), "model.architecture"),
+        (lambda s: setattr(s.model, "factory", "m:f"), "model.factory"),
+        (lambda s: setattr(s.model, "num_classes", 1), "model.num_classes"),
+        (lambda s: setattr(s.dataset, "root", ""), "dataset.root"),
+        (lambda s: setattr(s.dataset, "std", (1.0, 0.0, 1.0)), "dataset.std"),
+        (lambda s: setattr(s.dataset, "mean", (0.5,)), "dataset.mean"),
+        (lambda s: setattr(s.dataset, "max_pixels", 0), "dataset.max_pixels"),
+        (lambda s: setattr(s, "layers", ["ok", "x" * 300]), "layers[1]"),
+        (lambda s: setattr(s, "layers", ["l"] * 17), "layers"),
+        (lambda s: setattr(s, "attributes", []), "attributes"),
+        (lambda s: setattr(s, "method", "nonsense"), "method"),
+        (lambda s: setattr(s, "n_subspaces", [0]), "n_subspaces"),
+        (lambda s: setattr(s, "positive_class", 5), "positive_class"),
+        (lambda s: setattr(s, "negative_class", 1), "negative_class"),
+        (lambda s: setattr(s, "bootstrap", -1), "bootstrap"),
+        (lambda s: setattr(s, "device", "tpu"), "device"),
+        (lambda s: setattr(s, "prune", PruneSpec(rate=1.5)), "prune.rate"),
+        (lambda s: setattr(s, "prune", PruneSpec(steps=2)), "prune.steps"),
+        (lambda s: setattr(s, "prune", PruneSpec(attribute="age")), "prune.attribute"),
+        (
+            lambda s: setattr(s, "prune", PruneSpec(reference_per_class=0)),
+            "prune.reference_per_class",
+        ),
+    ],
+)
+def test_spec_errors_name_the_field_at_fault(change, field):
+    spec = _valid_spec()
+    change(spec)
+    with pytest.raises(InvalidSpec) as err:
+        spec.validate()
+    assert err.value.field == field
+
+
 @pytest.mark.parametrize("prune", [False, True])
 def test_result_round_trip_without_server_paths(prune):
     result = _result(prune)
