@@ -19,6 +19,7 @@ import grpc
 from cnp_core.paths import read_secret
 
 from .config import ConfigError
+from .errors import Failure, abort
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,13 @@ def ensure_token(path: Path) -> str:
     return token
 
 
-def _deny(message: str) -> Callable[[Any, grpc.ServicerContext], Any]:
-    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+def _deny(message: str, reason: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+    failure = Failure(code="UNAUTHENTICATED", message=message, reason=reason)
 
-    return abort
+    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+        abort(context, failure)
+
+    return deny
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -80,8 +83,10 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        message = "missing bearer token" if not header else "invalid bearer token"
-        deny = _deny(message)
+        if header:
+            deny = _deny("invalid bearer token", "INVALID_TOKEN")
+        else:
+            deny = _deny("missing bearer token", "MISSING_TOKEN")
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,

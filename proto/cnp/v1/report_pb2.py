@@ -25,14 +25,14 @@ _sym_db = _symbol_database.Default()
 from cnp.v1 import spec_pb2 as cnp_dot_v1_dot_spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63np/v1/report.proto\x12\x06\x63np.v1\x1a\x11\x63np/v1/spec.proto\"K\n\x06Metric\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x02 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x03 \x01(\x01\x12\x11\n\tbase_rate\x18\x04 \x01(\x01\"\xa3\x02\n\rSubspaceScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x16\n\x0emean_relevance\x18\x02 \x01(\x01\x12$\n\x0c\x61p_attribute\x18\x03 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12(\n\x10\x61p_attribute_pos\x18\x04 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12(\n\x10\x61p_attribute_neg\x18\x05 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12 \n\x08\x61p_class\x18\x06 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12%\n\rap_class_attr\x18\x07 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12(\n\x10\x61p_class_no_attr\x18\x08 \x01(\x0b\x32\x0e.cnp.v1.Metric\"\xb0\x01\n\x0e\x41ttributeAudit\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\t\x12\x13\n\x0bn_subspaces\x18\x04 \x01(\x05\x12(\n\tsubspaces\x18\x05 \x03(\x0b\x32\x15.cnp.v1.SubspaceScore\x12\x18\n\x10\x66lagged_subspace\x18\x06 \x01(\x05\x12\x14\n\x0cselection_ap\x18\x07 \x01(\x01\"\x82\x01\n\x0bGroupMetric\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x11\n\tattribute\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12 \n\x08\x61\x63\x63uracy\x18\x05 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12\x11\n\ttoo_small\x18\x06 \x01(\x08\"\xd6\x01\n\nEvaluation\x12)\n\x11\x62\x61lanced_accuracy\x18\x01 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12,\n\x14worst_group_accuracy\x18\x02 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12\x13\n\x0bworst_group\x18\x03 \x01(\t\x12#\n\x06groups\x18\x04 \x03(\x0b\x32\x13.cnp.v1.GroupMetric\x12\x12\n\nparameters\x18\x05 \x01(\x03\x12\r\n\x05\x66lops\x18\x06 \x01(\x03\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\"\x1e\n\x0b\x43hannelList\x12\x0f\n\x07indices\x18\x01 \x03(\x05\"\x89\x02\n\x0ePruningSummary\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04rate\x18\x02 \x01(\x01\x12\x15\n\rfilters_total\x18\x03 \x01(\x05\x12\x17\n\x0f\x66ilters_removed\x18\x04 \x01(\x05\x12\x34\n\x07removed\x18\x05 \x03(\x0b\x32#.cnp.v1.PruningSummary.RemovedEntry\x12\x15\n\rneurons_total\x18\x06 \x01(\x05\x12\x17\n\x0fneurons_removed\x18\x07 \x01(\x05\x1a\x43\n\x0cRemovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.cnp.v1.ChannelList:\x02\x38\x01\"P\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\"\x95\x04\n\x0b\x41uditReport\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\x1f\n\x04spec\x18\x02 \x01(\x0b\x32\x11.cnp.v1.AuditSpec\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x61taset_digest\x18\x04 \x01(\t\x12*\n\nattributes\x18\x05 \x03(\x0b\x32\x16.cnp.v1.AttributeAudit\x12\"\n\x06\x62\x65\x66ore\x18\x06 \x01(\x0b\x32\x12.cnp.v1.Evaluation\x12!\n\x05\x61\x66ter\x18\x07 \x01(\x0b\x32\x12.cnp.v1.Evaluation\x12\'\n\x07pruning\x18\x08 \x01(\x0b\x32\x16.cnp.v1.PruningSummary\x12\x31\n\x07timings\x18\t \x03(\x0b\x32 .cnp.v1.AuditReport.TimingsEntry\x12\x33\n\x08versions\x18\n \x03(\x0b\x32!.cnp.v1.AuditReport.VersionsEntry\x12\'\n\tartifacts\x18\x0b \x03(\x0b\x32\x14.cnp.v1.ArtifactInfo\x12\x17\n\x0fservice_version\x18\x0c \x01(\t\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\tio.cnp.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63np/v1/report.proto\x12\x06\x63np.v1\x1a\x11\x63np/v1/spec.proto\"K\n\x06Metric\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x02 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x03 \x01(\x01\x12\x11\n\tbase_rate\x18\x04 \x01(\x01\"\xa3\x02\n\rSubspaceScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x16\n\x0emean_relevance\x18\x02 \x01(\x01\x12$\n\x0c\x61p_attribute\x18\x03 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12(\n\x10\x61p_attribute_pos\x18\x04 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12(\n\x10\x61p_attribute_neg\x18\x05 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12 \n\x08\x61p_class\x18\x06 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12%\n\rap_class_attr\x18\x07 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12(\n\x10\x61p_class_no_attr\x18\x08 \x01(\x0b\x32\x0e.cnp.v1.Metric\"\xb0\x01\n\x0e\x41ttributeAudit\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\t\x12\x13\n\x0bn_subspaces\x18\x04 \x01(\x05\x12(\n\tsubspaces\x18\x05 \x03(\x0b\x32\x15.cnp.v1.SubspaceScore\x12\x18\n\x10\x66lagged_subspace\x18\x06 \x01(\x05\x12\x14\n\x0cselection_ap\x18\x07 \x01(\x01\"\x96\x01\n\x0bGroupMetric\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x11\n\tattribute\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\x12 \n\x08\x61\x63\x63uracy\x18\x05 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12\x11\n\ttoo_small\x18\x06 \x01(\x08\x12\x12\n\nlabel_name\x18\x07 \x01(\t\"\xd6\x01\n\nEvaluation\x12)\n\x11\x62\x61lanced_accuracy\x18\x01 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12,\n\x14worst_group_accuracy\x18\x02 \x01(\x0b\x32\x0e.cnp.v1.Metric\x12\x13\n\x0bworst_group\x18\x03 \x01(\t\x12#\n\x06groups\x18\x04 \x03(\x0b\x32\x13.cnp.v1.GroupMetric\x12\x12\n\nparameters\x18\x05 \x01(\x03\x12\r\n\x05\x66lops\x18\x06 \x01(\x03\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\"\x1e\n\x0b\x43hannelList\x12\x0f\n\x07indices\x18\x01 \x03(\x05\"\x89\x02\n\x0ePruningSummary\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04rate\x18\x02 \x01(\x01\x12\x15\n\rfilters_total\x18\x03 \x01(\x05\x12\x17\n\x0f\x66ilters_removed\x18\x04 \x01(\x05\x12\x34\n\x07removed\x18\x05 \x03(\x0b\x32#.cnp.v1.PruningSummary.RemovedEntry\x12\x15\n\rneurons_total\x18\x06 \x01(\x05\x12\x17\n\x0fneurons_removed\x18\x07 \x01(\x05\x1a\x43\n\x0cRemovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.cnp.v1.ChannelList:\x02\x38\x01\"P\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\"\xd5\x04\n\x0b\x41uditReport\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\x1f\n\x04spec\x18\x02 \x01(\x0b\x32\x11.cnp.v1.AuditSpec\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x61taset_digest\x18\x04 \x01(\t\x12*\n\nattributes\x18\x05 \x03(\x0b\x32\x16.cnp.v1.AttributeAudit\x12\"\n\x06\x62\x65\x66ore\x18\x06 \x01(\x0b\x32\x12.cnp.v1.Evaluation\x12!\n\x05\x61\x66ter\x18\x07 \x01(\x0b\x32\x12.cnp.v1.Evaluation\x12\'\n\x07pruning\x18\x08 \x01(\x0b\x32\x16.cnp.v1.PruningSummary\x12\x31\n\x07timings\x18\t \x03(\x0b\x32 .cnp.v1.AuditReport.TimingsEntry\x12\x33\n\x08versions\x18\n \x03(\x0b\x32!.cnp.v1.AuditReport.VersionsEntry\x12\'\n\tartifacts\x18\x0b \x03(\x0b\x32\x14.cnp.v1.ArtifactInfo\x12\x17\n\x0fservice_version\x18\x0c \x01(\t\x12\x13\n\x0b\x63lass_names\x18\r \x03(\t\x12)\n\x0cmodel_source\x18\x0e \x01(\x0b\x32\x13.cnp.v1.ModelSource\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x0bModelSource\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x15\n\rartifact_path\x18\x05 \x01(\tBN\n\tio.cnp.v1P\x01Z\x17\x63np.io/api/cnp/v1;cnpv1\xa2\x02\x03\x43NP\xaa\x02\x06\x43np.V1\xba\x02\x03\x43NP\xca\x02\x06\x43np\\V1\xea\x02\x07\x43np::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cnp.v1.report_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
-  _globals['DESCRIPTOR']._serialized_options = b'\n\tio.cnp.v1P\001'
+  _globals['DESCRIPTOR']._serialized_options = b'\n\tio.cnp.v1P\001Z\027cnp.io/api/cnp/v1;cnpv1\242\002\003CNP\252\002\006Cnp.V1\272\002\003CNP\312\002\006Cnp\\V1\352\002\007Cnp::V1'
   _globals['_PRUNINGSUMMARY_REMOVEDENTRY']._loaded_options = None
   _globals['_PRUNINGSUMMARY_REMOVEDENTRY']._serialized_options = b'8\001'
   _globals['_AUDITREPORT_TIMINGSENTRY']._loaded_options = None
@@ -46,21 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTRIBUTEAUDIT']._serialized_start=422
   _globals['_ATTRIBUTEAUDIT']._serialized_end=598
   _globals['_GROUPMETRIC']._serialized_start=601
-  _globals['_GROUPMETRIC']._serialized_end=731
-  _globals['_EVALUATION']._serialized_start=734
-  _globals['_EVALUATION']._serialized_end=948
-  _globals['_CHANNELLIST']._serialized_start=950
-  _globals['_CHANNELLIST']._serialized_end=980
-  _globals['_PRUNINGSUMMARY']._serialized_start=983
-  _globals['_PRUNINGSUMMARY']._serialized_end=1248
-  _globals['_PRUNINGSUMMARY_REMOVEDENTRY']._serialized_start=1181
-  _globals['_PRUNINGSUMMARY_REMOVEDENTRY']._serialized_end=1248
-  _globals['_ARTIFACTINFO']._serialized_start=1250
-  _globals['_ARTIFACTINFO']._serialized_end=1330
-  _globals['_AUDITREPORT']._serialized_start=1333
-  _globals['_AUDITREPORT']._serialized_end=1866
-  _globals['_AUDITREPORT_TIMINGSENTRY']._serialized_start=1771
-  _globals['_AUDITREPORT_TIMINGSENTRY']._serialized_end=1817
-  _globals['_AUDITREPORT_VERSIONSENTRY']._serialized_start=1819
-  _globals['_AUDITREPORT_VERSIONSENTRY']._serialized_end=1866
+  _globals['_GROUPMETRIC']._serialized_end=751
+  _globals['_EVALUATION']._serialized_start=754
+  _globals['_EVALUATION']._serialized_end=968
+  _globals['_CHANNELLIST']._serialized_start=970
+  _globals['_CHANNELLIST']._serialized_end=1000
+  _globals['_PRUNINGSUMMARY']._serialized_start=1003
+  _globals['_PRUNINGSUMMARY']._serialized_end=1268
+  _globals['_PRUNINGSUMMARY_REMOVEDENTRY']._serialized_start=1201
+  _globals['_PRUNINGSUMMARY_REMOVEDENTRY']._serialized_end=1268
+  _globals['_ARTIFACTINFO']._serialized_start=1270
+  _globals['_ARTIFACTINFO']._serialized_end=1350
+  _globals['_AUDITREPORT']._serialized_start=1353
+  _globals['_AUDITREPORT']._serialized_end=1950
+  _globals['_AUDITREPORT_TIMINGSENTRY']._serialized_start=1855
+  _globals['_AUDITREPORT_TIMINGSENTRY']._serialized_end=1901
+  _globals['_AUDITREPORT_VERSIONSENTRY']._serialized_start=1903
+  _globals['_AUDITREPORT_VERSIONSENTRY']._serialized_end=1950
+  _globals['_MODELSOURCE']._serialized_start=1952
+  _globals['_MODELSOURCE']._serialized_end=2048
 # @@protoc_insertion_point(module_scope)

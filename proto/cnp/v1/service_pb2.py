@@ -24,49 +24,116 @@ _sym_db = _symbol_database.Default()
 
 from cnp.v1 import report_pb2 as cnp_dot_v1_dot_report__pb2
 from cnp.v1 import spec_pb2 as cnp_dot_v1_dot_spec__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63np/v1/service.proto\x12\x06\x63np.v1\x1a\x13\x63np/v1/report.proto\x1a\x11\x63np/v1/spec.proto\x1a#google/longrunning/operations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xda\x03\n\rAuditProgress\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\x1c\n\x05state\x18\x02 \x01(\x0e\x32\r.cnp.v1.State\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x18\n\x10\x63\x61ncel_requested\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05\x65rror\x18\r \x01(\x0b\x32\x12.google.rpc.Status\x12\x15\n\rmlflow_run_id\x18\x0e \x01(\t\x12\x16\n\x0etracking_state\x18\x0f \x01(\t\x12\x16\n\x0etracking_error\x18\x10 \x01(\t\"I\n\x12\x43reateAuditRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.cnp.v1.AuditSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"%\n\x11WatchAuditRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\")\n\x15GetAuditReportRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\"(\n\x14ListArtifactsRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\"@\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.cnp.v1.ArtifactInfo\"T\n\x13ReadArtifactRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x03\"4\n\x14ReadArtifactResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1a\n\x18GetServerMetadataRequest\"\xfe\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1c\n\x14\x61rtifact_chunk_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fmax_queued_jobs\x18\x03 \x01(\x05\x12\x0f\n\x07workers\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12?\n\x0estage_timeouts\x18\x06 \x03(\x0b\x32\'.cnp.v1.ServerLimits.StageTimeoutsEntry\x1a\x34\n\x12StageTimeoutsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xae\x02\n\x0eServerMetadata\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.cnp.v1.ServerLimits\x12\x15\n\rarchitectures\x18\x04 \x03(\t\x12\x16\n\x0eweight_formats\x18\x05 \x03(\t\x12\x17\n\x0f\x63oncept_methods\x18\x06 \x03(\t\x12\x0e\n\x06scores\x18\x07 \x03(\t\x12\x12\n\ncomposites\x18\x08 \x03(\t\x12\x15\n\rprune_methods\x18\t \x03(\t\x12\x17\n\x0fprune_schedules\x18\n \x03(\t\x12\x15\n\rauth_required\x18\x0b \x01(\x08\x12\x0b\n\x03tls\x18\x0c \x01(\x08\x12\x10\n\x08services\x18\r \x03(\t*a\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xf9\x03\n\x0c\x43onceptAudit\x12w\n\x0b\x43reateAudit\x12\x1a.cnp.v1.CreateAuditRequest\x1a\x1d.google.longrunning.Operation\"-\xca\x41*\n\x12\x63np.v1.AuditReport\x12\x14\x63np.v1.AuditProgress\x12@\n\nWatchAudit\x12\x19.cnp.v1.WatchAuditRequest\x1a\x15.cnp.v1.AuditProgress0\x01\x12\x44\n\x0eGetAuditReport\x12\x1d.cnp.v1.GetAuditReportRequest\x1a\x13.cnp.v1.AuditReport\x12L\n\rListArtifacts\x12\x1c.cnp.v1.ListArtifactsRequest\x1a\x1d.cnp.v1.ListArtifactsResponse\x12K\n\x0cReadArtifact\x12\x1b.cnp.v1.ReadArtifactRequest\x1a\x1c.cnp.v1.ReadArtifactResponse0\x01\x12M\n\x11GetServerMetadata\x12 .cnp.v1.GetServerMetadataRequest\x1a\x16.cnp.v1.ServerMetadataB\r\n\tio.cnp.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63np/v1/service.proto\x12\x06\x63np.v1\x1a\x13\x63np/v1/report.proto\x1a\x11\x63np/v1/spec.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a#google/longrunning/operations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xde\x04\n\rAuditProgress\x12\x16\n\x08\x61udit_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\r.cnp.v1.StateB\x04\xe2\x41\x01\x03\x12\x13\n\x05stage\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08progress\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07message\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x63\x61ncel_requested\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x18\n\nrequest_id\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\r \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x1b\n\rmlflow_run_id\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0etracking_state\x18\x0f \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0etracking_error\x18\x10 \x01(\tB\x04\xe2\x41\x01\x03\x12\"\n\x14mlflow_experiment_id\x18\x11 \x01(\tB\x04\xe2\x41\x01\x03\"\x86\x01\n\x12\x43reateAuditRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x11.cnp.v1.AuditSpecB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12/\n\x08tracking\x18\x03 \x01(\x0b\x32\x17.cnp.v1.TrackingOptionsB\x04\xe2\x41\x01\x01\"\xad\x01\n\x0fTrackingOptions\x12\x18\n\nexperiment\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x35\n\x04tags\x18\x02 \x03(\x0b\x32!.cnp.v1.TrackingOptions.TagsEntryB\x04\xe2\x41\x01\x01\x12\x1c\n\x0eregister_model\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\x11WatchAuditRequest\x12\x16\n\x08\x61udit_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"/\n\x15GetAuditReportRequest\x12\x16\n\x08\x61udit_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\".\n\x14ListArtifactsRequest\x12\x16\n\x08\x61udit_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"@\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.cnp.v1.ArtifactInfo\"l\n\x13ReadArtifactRequest\x12\x16\n\x08\x61udit_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06offset\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x13\n\x05limit\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\"4\n\x14ReadArtifactResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1a\n\x18GetServerMetadataRequest\"\xfe\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1c\n\x14\x61rtifact_chunk_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fmax_queued_jobs\x18\x03 \x01(\x05\x12\x0f\n\x07workers\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12?\n\x0estage_timeouts\x18\x06 \x03(\x0b\x32\'.cnp.v1.ServerLimits.StageTimeoutsEntry\x1a\x34\n\x12StageTimeoutsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xae\x02\n\x0eServerMetadata\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.cnp.v1.ServerLimits\x12\x15\n\rarchitectures\x18\x04 \x03(\t\x12\x16\n\x0eweight_formats\x18\x05 \x03(\t\x12\x17\n\x0f\x63oncept_methods\x18\x06 \x03(\t\x12\x0e\n\x06scores\x18\x07 \x03(\t\x12\x12\n\ncomposites\x18\x08 \x03(\t\x12\x15\n\rprune_methods\x18\t \x03(\t\x12\x17\n\x0fprune_schedules\x18\n \x03(\t\x12\x15\n\rauth_required\x18\x0b \x01(\x08\x12\x0b\n\x03tls\x18\x0c \x01(\x08\x12\x10\n\x08services\x18\r \x03(\t*a\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xf9\x03\n\x0c\x43onceptAudit\x12w\n\x0b\x43reateAudit\x12\x1a.cnp.v1.CreateAuditRequest\x1a\x1d.google.longrunning.Operation\"-\xca\x41*\n\x12\x63np.v1.AuditReport\x12\x14\x63np.v1.AuditProgress\x12@\n\nWatchAudit\x12\x19.cnp.v1.WatchAuditRequest\x1a\x15.cnp.v1.AuditProgress0\x01\x12\x44\n\x0eGetAuditReport\x12\x1d.cnp.v1.GetAuditReportRequest\x1a\x13.cnp.v1.AuditReport\x12L\n\rListArtifacts\x12\x1c.cnp.v1.ListArtifactsRequest\x1a\x1d.cnp.v1.ListArtifactsResponse\x12K\n\x0cReadArtifact\x12\x1b.cnp.v1.ReadArtifactRequest\x1a\x1c.cnp.v1.ReadArtifactResponse0\x01\x12M\n\x11GetServerMetadata\x12 .cnp.v1.GetServerMetadataRequest\x1a\x16.cnp.v1.ServerMetadataBN\n\tio.cnp.v1P\x01Z\x17\x63np.io/api/cnp/v1;cnpv1\xa2\x02\x03\x43NP\xaa\x02\x06\x43np.V1\xba\x02\x03\x43NP\xca\x02\x06\x43np\\V1\xea\x02\x07\x43np::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cnp.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
-  _globals['DESCRIPTOR']._serialized_options = b'\n\tio.cnp.v1P\001'
+  _globals['DESCRIPTOR']._serialized_options = b'\n\tio.cnp.v1P\001Z\027cnp.io/api/cnp/v1;cnpv1\242\002\003CNP\252\002\006Cnp.V1\272\002\003CNP\312\002\006Cnp\\V1\352\002\007Cnp::V1'
+  _globals['_AUDITPROGRESS'].fields_by_name['audit_id']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['audit_id']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['state']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['stage']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['stage']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['progress']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['progress']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['message']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['message']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['attempt']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['attempt']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['cancel_requested']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['cancel_requested']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['request_id']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['request_id']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['create_time']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['start_time']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['start_time']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['update_time']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['end_time']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['end_time']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['error']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['error']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['mlflow_run_id']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['mlflow_run_id']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['tracking_state']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['tracking_state']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['tracking_error']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['tracking_error']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITPROGRESS'].fields_by_name['mlflow_experiment_id']._loaded_options = None
+  _globals['_AUDITPROGRESS'].fields_by_name['mlflow_experiment_id']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEAUDITREQUEST'].fields_by_name['spec']._loaded_options = None
+  _globals['_CREATEAUDITREQUEST'].fields_by_name['spec']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEAUDITREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEAUDITREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_CREATEAUDITREQUEST'].fields_by_name['tracking']._loaded_options = None
+  _globals['_CREATEAUDITREQUEST'].fields_by_name['tracking']._serialized_options = b'\342A\001\001'
+  _globals['_TRACKINGOPTIONS_TAGSENTRY']._loaded_options = None
+  _globals['_TRACKINGOPTIONS_TAGSENTRY']._serialized_options = b'8\001'
+  _globals['_TRACKINGOPTIONS'].fields_by_name['experiment']._loaded_options = None
+  _globals['_TRACKINGOPTIONS'].fields_by_name['experiment']._serialized_options = b'\342A\001\001'
+  _globals['_TRACKINGOPTIONS'].fields_by_name['tags']._loaded_options = None
+  _globals['_TRACKINGOPTIONS'].fields_by_name['tags']._serialized_options = b'\342A\001\001'
+  _globals['_TRACKINGOPTIONS'].fields_by_name['register_model']._loaded_options = None
+  _globals['_TRACKINGOPTIONS'].fields_by_name['register_model']._serialized_options = b'\342A\001\001'
+  _globals['_WATCHAUDITREQUEST'].fields_by_name['audit_id']._loaded_options = None
+  _globals['_WATCHAUDITREQUEST'].fields_by_name['audit_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETAUDITREPORTREQUEST'].fields_by_name['audit_id']._loaded_options = None
+  _globals['_GETAUDITREPORTREQUEST'].fields_by_name['audit_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTARTIFACTSREQUEST'].fields_by_name['audit_id']._loaded_options = None
+  _globals['_LISTARTIFACTSREQUEST'].fields_by_name['audit_id']._serialized_options = b'\342A\001\002'
+  _globals['_READARTIFACTREQUEST'].fields_by_name['audit_id']._loaded_options = None
+  _globals['_READARTIFACTREQUEST'].fields_by_name['audit_id']._serialized_options = b'\342A\001\002'
+  _globals['_READARTIFACTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_READARTIFACTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_READARTIFACTREQUEST'].fields_by_name['offset']._loaded_options = None
+  _globals['_READARTIFACTREQUEST'].fields_by_name['offset']._serialized_options = b'\342A\001\001'
+  _globals['_READARTIFACTREQUEST'].fields_by_name['limit']._loaded_options = None
+  _globals['_READARTIFACTREQUEST'].fields_by_name['limit']._serialized_options = b'\342A\001\001'
   _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._loaded_options = None
   _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_options = b'8\001'
   _globals['_CONCEPTAUDIT'].methods_by_name['CreateAudit']._loaded_options = None
   _globals['_CONCEPTAUDIT'].methods_by_name['CreateAudit']._serialized_options = b'\312A*\n\022cnp.v1.AuditReport\022\024cnp.v1.AuditProgress'
-  _globals['_STATE']._serialized_start=1639
-  _globals['_STATE']._serialized_end=1736
-  _globals['_AUDITPROGRESS']._serialized_start=168
-  _globals['_AUDITPROGRESS']._serialized_end=642
-  _globals['_CREATEAUDITREQUEST']._serialized_start=644
-  _globals['_CREATEAUDITREQUEST']._serialized_end=717
-  _globals['_WATCHAUDITREQUEST']._serialized_start=719
-  _globals['_WATCHAUDITREQUEST']._serialized_end=756
-  _globals['_GETAUDITREPORTREQUEST']._serialized_start=758
-  _globals['_GETAUDITREPORTREQUEST']._serialized_end=799
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=801
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=841
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=843
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=907
-  _globals['_READARTIFACTREQUEST']._serialized_start=909
-  _globals['_READARTIFACTREQUEST']._serialized_end=993
-  _globals['_READARTIFACTRESPONSE']._serialized_start=995
-  _globals['_READARTIFACTRESPONSE']._serialized_end=1047
-  _globals['_GETSERVERMETADATAREQUEST']._serialized_start=1049
-  _globals['_GETSERVERMETADATAREQUEST']._serialized_end=1075
-  _globals['_SERVERLIMITS']._serialized_start=1078
-  _globals['_SERVERLIMITS']._serialized_end=1332
-  _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_start=1280
-  _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_end=1332
-  _globals['_SERVERMETADATA']._serialized_start=1335
-  _globals['_SERVERMETADATA']._serialized_end=1637
-  _globals['_CONCEPTAUDIT']._serialized_start=1739
-  _globals['_CONCEPTAUDIT']._serialized_end=2244
+  _globals['_STATE']._serialized_start=2084
+  _globals['_STATE']._serialized_end=2181
+  _globals['_AUDITPROGRESS']._serialized_start=201
+  _globals['_AUDITPROGRESS']._serialized_end=807
+  _globals['_CREATEAUDITREQUEST']._serialized_start=810
+  _globals['_CREATEAUDITREQUEST']._serialized_end=944
+  _globals['_TRACKINGOPTIONS']._serialized_start=947
+  _globals['_TRACKINGOPTIONS']._serialized_end=1120
+  _globals['_TRACKINGOPTIONS_TAGSENTRY']._serialized_start=1077
+  _globals['_TRACKINGOPTIONS_TAGSENTRY']._serialized_end=1120
+  _globals['_WATCHAUDITREQUEST']._serialized_start=1122
+  _globals['_WATCHAUDITREQUEST']._serialized_end=1165
+  _globals['_GETAUDITREPORTREQUEST']._serialized_start=1167
+  _globals['_GETAUDITREPORTREQUEST']._serialized_end=1214
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=1216
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=1262
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=1264
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1328
+  _globals['_READARTIFACTREQUEST']._serialized_start=1330
+  _globals['_READARTIFACTREQUEST']._serialized_end=1438
+  _globals['_READARTIFACTRESPONSE']._serialized_start=1440
+  _globals['_READARTIFACTRESPONSE']._serialized_end=1492
+  _globals['_GETSERVERMETADATAREQUEST']._serialized_start=1494
+  _globals['_GETSERVERMETADATAREQUEST']._serialized_end=1520
+  _globals['_SERVERLIMITS']._serialized_start=1523
+  _globals['_SERVERLIMITS']._serialized_end=1777
+  _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_start=1725
+  _globals['_SERVERLIMITS_STAGETIMEOUTSENTRY']._serialized_end=1777
+  _globals['_SERVERMETADATA']._serialized_start=1780
+  _globals['_SERVERMETADATA']._serialized_end=2082
+  _globals['_CONCEPTAUDIT']._serialized_start=2184
+  _globals['_CONCEPTAUDIT']._serialized_end=2689
 # @@protoc_insertion_point(module_scope)
