@@ -1,7 +1,11 @@
-"""cnp_client: the Python client of the cnp audit service (grpcio + protobuf, no torch)."""
+"""cnp_client: the Python client of the cnp audit service (grpcio + protobuf, no torch).
+
+``AuditClient`` blocks; ``AsyncAuditClient`` (``cnp_client.aio``) is the same for asyncio.
+"""
 
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef, PruneSpec
 
+from .aio import AsyncAuditClient
 from .client import (
     Aborted,
     AlreadyExists,
@@ -29,6 +33,7 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "Artifact",
+    "AsyncAuditClient",
     "AuditClient",
     "AuditReportView",
     "AuditSpec",
