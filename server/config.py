@@ -57,6 +57,7 @@ class ServerConfig:
     tracking_uri: str = ""
     tracking_experiment: str = "cnp-audits"
     tracking_retry_seconds: float = 60.0
+    tracking_live_seconds: float = 2.0  # how often a running job's run shows its progress
     tracking_http_retries: int = 1
     tracking_http_timeout: float = 10.0
     # A job's MLflow record is retried with back-off (tracking_retry_seconds, doubling, at
@@ -181,6 +182,8 @@ class ServerConfig:
             )
         if self.keepalive_seconds <= 0 or self.keepalive_timeout_seconds <= 0:
             raise ConfigError("keepalive_seconds and keepalive_timeout_seconds must be > 0")
+        if self.tracking_live_seconds <= 0:
+            raise ConfigError("tracking_live_seconds must be > 0")
         return self
 
     def masked(self) -> dict[str, Any]:

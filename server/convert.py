@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from google.longrunning import operations_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import status_pb2
 
 from cnp.v1 import report_pb2, service_pb2
 from cnp_core.convert import operation_name
 
-from .errors import code_number
+from .errors import stored_failure
 from .jobs import SUCCEEDED, JobRecord
 
 
@@ -36,6 +35,7 @@ def progress_of(job: JobRecord) -> service_pb2.AuditProgress:
         cancel_requested=job.cancel_requested,
         request_id=job.request_id or "",
         mlflow_run_id=job.mlflow_run_id,
+        mlflow_experiment_id=job.mlflow_experiment_id,
         tracking_state=job.tracking_state,
         tracking_error=job.tracking_error,
     )
@@ -49,9 +49,8 @@ def progress_of(job: JobRecord) -> service_pb2.AuditProgress:
         if stamp is not None:
             getattr(progress, name).CopyFrom(stamp)
     if job.error_code:
-        progress.error.CopyFrom(
-            status_pb2.Status(code=code_number(job.error_code), message=job.error_message)
-        )
+        failure = stored_failure(job.error_code, job.error_message, job.error_details)
+        progress.error.CopyFrom(failure.status())
     return progress
 
 

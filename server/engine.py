@@ -16,6 +16,7 @@ worker processes pay for the import, not the RPC threads.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,13 +27,21 @@ from cnp_core.errors import InvalidSpec
 from cnp_core.results import AuditResult
 from cnp_core.spec import CONCEPT_METHODS, PRUNE_METHODS, SCHEDULES, SCORES, AuditSpec
 
+from . import registry
 from .config import ServerConfig
-from .errors import PermissionDenied
+from .errors import FactoryNotAllowed, PathOutsideRoots
 
 REQUIRED = ("validate", "run_audit", "capabilities")
 
-# Weights references that are not files on this server (resolved by the engine).
+# Weights references that are not files on this server (MLflow's; see registry).
 _URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def files_only(spec: AuditSpec) -> AuditSpec:
+    """The spec an engine validates: a model URI is the registry's to check, not a path."""
+    if not spec.model.weights.startswith(_URI_PREFIXES):
+        return spec
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, weights=""))
 
 
 def load_engine(name: str) -> ModuleType:
@@ -55,33 +64,42 @@ def check_references(spec: AuditSpec, config: ServerConfig) -> None:
     that points outside is refused); a weights file no larger than ``max_weights_bytes``."""
     factory = spec.model.factory.strip()
     if factory and factory not in config.allow_factories:
-        raise PermissionDenied(
+        raise FactoryNotAllowed(
             f"model.factory {factory!r} is not allowed on this server: factories run only when "
-            "the operator lists them (allow_factories, --allow-factory); name an architecture"
+            "the operator lists them (allow_factories, --allow-factory); name an architecture",
+            field="model.factory",
         )
     named = [("dataset.root", spec.dataset.root)]
-    if spec.model.weights and not spec.model.weights.startswith(_URI_PREFIXES):
+    if spec.model.weights.startswith(_URI_PREFIXES):
+        registry.check(spec.model.weights, config)  # the model exists in this server's MLflow
+    elif spec.model.weights:
         named.append(("model.weights", spec.model.weights))
     roots = [Path(r).resolve() for r in config.allow_roots]
     for field, value in named:
         if not value:
             continue
         if not Path(value).is_absolute():
-            raise InvalidSpec(f"{field} must be an absolute path on the server, got {value!r}")
+            raise InvalidSpec(
+                f"{field} must be an absolute path on the server, got {value!r}", field=field
+            )
         if not roots:
-            raise PermissionDenied(
+            raise PathOutsideRoots(
                 f"{field}: this server allows no model or dataset paths; "
-                "start it with --allow-root DIR"
+                "start it with --allow-root DIR",
+                field=field,
             )
         resolved = Path(value).resolve()
         if not _inside(resolved, roots):
-            raise PermissionDenied(f"{field} {value!r} is not under an allowed root of this server")
+            raise PathOutsideRoots(
+                f"{field} {value!r} is not under an allowed root of this server", field=field
+            )
         if field == "model.weights" and resolved.is_file():
             size = resolved.stat().st_size
             if size > config.max_weights_bytes:
                 raise InvalidSpec(
                     f"model.weights {value!r} is {size / (1 << 30):.2f} GiB, over this server's "
-                    f"limit of {config.max_weights_bytes / (1 << 30):.2f} GiB (max_weights_bytes)"
+                    f"limit of {config.max_weights_bytes / (1 << 30):.2f} GiB (max_weights_bytes)",
+                    field="model.weights",
                 )
 
 

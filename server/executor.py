@@ -99,8 +99,10 @@ class LocalExecutor:
         config: ServerConfig,
         store: JobStore,
         on_finished: Callable[[str], None] | None = None,
+        on_started: Callable[[str], None] | None = None,
     ) -> None:
         self.config, self.store = config, store
+        self._on_started = on_started or (lambda audit_id: None)
         self.gpus = list(config.gpus) or detect_gpus()
         self.slots = config.workers or max(1, len(self.gpus))
         self._on_finished = on_finished or (lambda audit_id: None)
@@ -188,7 +190,8 @@ class LocalExecutor:
             job = self.store.claim_next(self.config.node_id)
             if job is None:
                 return
-            setup = self._setup(slot)
+            self._on_started(job.id)
+            setup, c = self._setup(slot), self.config
             task = WorkerTask(
                 audit_id=job.id,
                 attempt=job.attempts,
@@ -202,6 +205,8 @@ class LocalExecutor:
                 cuda_visible_devices=setup.cuda_visible_devices,
                 progress_interval=min(0.5, self.config.poll_seconds),
                 memory_limit=self.config.worker_memory_bytes,
+                tracking_uri=c.effective_tracking_uri if c.tracking_enabled else "",
+                max_weights_bytes=self.config.max_weights_bytes,
             )
             item = self._hand_to_spare(slot, task)
             if item is None:

@@ -42,6 +42,7 @@ class JobRecord:
     message: str = ""
     error_code: str = ""
     error_message: str = ""
+    error_details: str = ""  # cnp_server.errors.Failure.details_json(): reason, field, retry
     attempts: int = 0
     cancel_requested: bool = False
     owner: str = ""
@@ -57,6 +58,8 @@ class JobRecord:
     tracking_state: str = TRACKING_NONE
     tracking_error: str = ""
     tracking_attempts: int = 0
+    tracking_json: str = "{}"
+    mlflow_experiment_id: str = ""
 
     @property
     def done(self) -> bool:
@@ -70,3 +73,8 @@ class JobRecord:
     @property
     def spec(self) -> dict[str, Any]:
         return json.loads(self.spec_json)
+
+    @property
+    def tracking(self) -> dict[str, Any]:
+        """The client's MLflow options: {"experiment", "tags", "register_model"}."""
+        return json.loads(self.tracking_json or "{}")

@@ -85,9 +85,8 @@ class Application:
         self.engine = load_engine(c.engine)
         self.tracker = Tracker(c, self.store) if c.tracking_enabled else None
         tracker = self.tracker
-        self.executor = LocalExecutor(
-            c, self.store, on_finished=(lambda _audit_id: tracker.wake()) if tracker else None
-        )
+        wake = (lambda _audit_id: tracker.wake()) if tracker else None
+        self.executor = LocalExecutor(c, self.store, on_finished=wake, on_started=wake)
         self.service = AuditService(c, self.store, self.executor, self.engine)
 
         interceptors = []

@@ -22,23 +22,26 @@ from google.protobuf import empty_pb2
 
 from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
 from cnp_core.convert import audit_id_of, spec_from_proto, spec_to_json
-from cnp_core.errors import CnpError
 
 from . import __version__, convert
 from .config import STREAM_RESERVE, ServerConfig
-from .engine import check_references
+from .engine import check_references, files_only
 from .errors import (
     BadRequest,
     NotFound,
     OutOfRange,
     ShuttingDown,
+    StoredError,
+    TooManyStreams,
     WrongState,
-    classify,
+    describe,
     rpc_errors,
+    stored_failure,
 )
 from .executor import Executor, workdir_of
 from .jobs import FAILED, STAGE_VALIDATE, SUCCEEDED, JobRecord
 from .store import JobStore
+from .tracking import tracking_options
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,6 @@ API_VERSION = "cnp.v1"
 WATCH_POLL_SECONDS = 0.25
 MAX_WAIT_SECONDS = 300.0
 MAX_PAGE_SIZE = 1000
-
-
-class TooManyStreams(CnpError):
-    status = "RESOURCE_EXHAUSTED"
 
 
 def client_of(peer: str) -> str:
@@ -78,14 +77,16 @@ class StreamLimits:
                     f"too many streams from {client}: {self._open[client]} open (WatchAudit, "
                     f"WaitOperation, ReadArtifact), the limit is max_streams_per_client = "
                     f"{self.per_client}; close one, or raise max_streams_per_client on the "
-                    "server (--set max_streams_per_client=N)"
+                    "server (--set max_streams_per_client=N)",
+                    metadata={"setting": "max_streams_per_client"},
                 )
             if self._open.total() >= self.total:
                 raise TooManyStreams(
                     f"too many streams on this server: {self.total} open, the limit is "
                     f"rpc_threads - {STREAM_RESERVE} (threads kept for other calls); retry "
                     "later, poll GetOperation instead, or raise rpc_threads on the server "
-                    "(--set rpc_threads=N)"
+                    "(--set rpc_threads=N)",
+                    metadata={"setting": "rpc_threads"},
                 )
             self._open[client] += 1
         try:
@@ -135,13 +136,8 @@ def _raise_if_refused(job: JobRecord, context: grpc.ServicerContext) -> None:
     trailing metadata ``cnp-audit-id`` names the FAILED job that records the refusal."""
     if job.state == FAILED and job.stage == STAGE_VALIDATE:
         context.set_trailing_metadata((("cnp-audit-id", job.id),))
-        raise _StoredError(job.error_code, job.error_message)
-
-
-class _StoredError(CnpError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = code
+        failure = stored_failure(job.error_code, job.error_message, job.error_details)
+        raise StoredError(failure, audit_id=job.id)
 
 
 class ConceptAuditServicer(service_pb2_grpc.ConceptAuditServicer):
@@ -155,28 +151,41 @@ class ConceptAuditServicer(service_pb2_grpc.ConceptAuditServicer):
             raise ShuttingDown("the server is shutting down; retry on another replica or later")
         spec = spec_from_proto(request.spec)
         spec_json = spec_to_json(spec)
+        tracking_json = tracking_options(request.tracking, s.config, spec.prune is not None)
         request_id = request.request_id or None
         if request_id:
             existing = s.store.find_by_request_id(request_id)
             if existing is not None:
-                if existing.spec_json != spec_json:
-                    raise BadRequest(f"request_id {request_id!r} was already used for another spec")
+                if (existing.spec_json, existing.tracking_json) != (spec_json, tracking_json):
+                    raise BadRequest(
+                        f"request_id {request_id!r} was already used for another spec",
+                        request_field="request_id",
+                    )
                 _raise_if_refused(existing, context)
                 return convert.operation_of(existing)
         try:
             spec.validate()
             check_references(spec, s.config)
-            s.engine.validate(spec, [Path(r) for r in s.config.allow_roots])
+            s.engine.validate(files_only(spec), [Path(r) for r in s.config.allow_roots])
         except (Exception, SystemExit) as exc:  # an engine's exit must not end this thread
-            code, message = classify(exc)
+            failure = describe(exc)
             job = s.store.create(
-                spec_json, request_id=request_id, error=(code, message), stage=STAGE_VALIDATE
+                spec_json,
+                request_id=request_id,
+                error=failure.record(),
+                stage=STAGE_VALIDATE,
+                tracking_json=tracking_json,
             )
-            log.info("audit %s refused: %s %s", job.id, code, message)
+            log.info("audit %s refused: %s %s", job.id, failure.code, failure.message)
             _raise_if_refused(job, context)
             return convert.operation_of(job)  # a concurrent twin was accepted meanwhile
         with s._create_lock:
-            job = s.store.create(spec_json, request_id=request_id, max_queued=s.config.max_queued)
+            job = s.store.create(
+                spec_json,
+                request_id=request_id,
+                max_queued=s.config.max_queued,
+                tracking_json=tracking_json,
+            )
         log.info("audit %s queued (request id %s)", job.id, request_id)
         s.executor.wake()
         return convert.operation_of(job)
@@ -233,14 +242,20 @@ class ConceptAuditServicer(service_pb2_grpc.ConceptAuditServicer):
             names = ", ".join(sorted(artifacts)) or "none"
             raise NotFound(f"audit {job.id} has no artifact {request.name!r} (artifacts: {names})")
         if request.offset < 0 or request.limit < 0:
-            raise BadRequest("offset and limit must be >= 0")
+            raise BadRequest(
+                "offset and limit must be >= 0",
+                request_field="offset" if request.offset < 0 else "limit",
+            )
         workdir = workdir_of(self.s.config, job.id).resolve()
         path = (workdir / artifacts[request.name]["path"]).resolve()
         if not path.is_relative_to(workdir) or not path.is_file():
             raise NotFound(f"artifact {request.name!r} of audit {job.id} is no longer available")
         size = path.stat().st_size
         if request.offset > size:
-            raise OutOfRange(f"offset {request.offset} lies beyond the artifact's {size} bytes")
+            raise OutOfRange(
+                f"offset {request.offset} lies beyond the artifact's {size} bytes",
+                request_field="offset",
+            )
         end = size if request.limit == 0 else min(size, request.offset + request.limit)
         chunk = self.s.config.artifact_chunk_bytes
         with path.open("rb") as handle:
@@ -295,12 +310,14 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     def ListOperations(self, request, context):
         page_size = request.page_size or 50
         if not 0 < page_size <= MAX_PAGE_SIZE:
-            raise BadRequest(f"page_size must lie in [1, {MAX_PAGE_SIZE}]")
+            raise BadRequest(
+                f"page_size must lie in [1, {MAX_PAGE_SIZE}]", request_field="page_size"
+            )
         state = None
         if request.filter:
             key, sep, value = request.filter.partition("=")
             if not sep or key.strip() != "state":
-                raise BadRequest("filter supports only 'state=<STATE>'")
+                raise BadRequest("filter supports only 'state=<STATE>'", request_field="filter")
             state = value.strip().strip('"').upper()
         jobs, token = self.s.store.list(
             page_size=page_size, page_token=request.page_token, state=state

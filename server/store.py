@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    Column,
     Float,
     Integer,
     LargeBinary,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     select,
     update,
 )
@@ -33,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from .errors import Aborted, BadRequest, NotFound, QueueFull, WrongState
+from .errors import Aborted, BadRequest, NotFound, QueueFull, WrongState, describe
 from .jobs import (
     CANCELLED,
     FAILED,
@@ -79,6 +81,10 @@ class JobRow(Base):
     tracking_state: Mapped[str] = mapped_column(String(16), default="", index=True)
     tracking_error: Mapped[str] = mapped_column(Text, default="")
     tracking_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Added after the first release: a store created before gets them on start-up.
+    tracking_json: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    mlflow_experiment_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    error_details: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 _COLUMNS = [c.key for c in JobRow.__table__.columns]
@@ -86,6 +92,12 @@ _COLUMNS = [c.key for c in JobRow.__table__.columns]
 
 def _record(row: JobRow) -> JobRecord:
     return JobRecord(**{name: getattr(row, name) for name in _COLUMNS})
+
+
+def _error_columns(error: tuple[str, ...] | None) -> dict[str, str]:
+    """``error`` = (code, message), or Failure.record(): (code, message, details_json)."""
+    code, message, details = (*error, "")[:3] if error else ("", "", "")
+    return {"error_code": code, "error_message": message, "error_details": details}
 
 
 def new_audit_id() -> str:
@@ -99,6 +111,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Bring a store created by an older release up to this schema (Alembic's operations).
+
+    Columns are only ever added, each with a server default, so an older server reading
+    the same table keeps working; returns the names added.
+    """
+    with engine.connect() as connection:
+        present = {c["name"] for c in inspect(connection).get_columns(JobRow.__tablename__)}
+    missing = [c for c in JobRow.__table__.columns if c.name not in present]
+    if missing:  # Alembic only then: it is slow to import and logs as it starts
+        from alembic.migration import MigrationContext
+        from alembic.operations import Operations
+
+        with engine.begin() as connection:
+            operations = Operations(MigrationContext.configure(connection))
+            for column in missing:
+                operations.add_column(
+                    JobRow.__tablename__,
+                    Column(column.name, column.type, server_default=column.server_default.arg),
+                )
+    return [c.name for c in missing]
 
 
 def make_engine(url: str) -> Engine:
@@ -116,6 +151,7 @@ class JobStore:
         self.url = url
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -140,8 +176,9 @@ class JobStore:
         *,
         request_id: str | None = None,
         max_queued: int | None = None,
-        error: tuple[str, str] | None = None,
+        error: tuple[str, ...] | None = None,
         stage: str = "",
+        tracking_json: str = "{}",
     ) -> JobRecord:
         """A new job, QUEUED; or FAILED with ``error`` = (code, message) when refused.
 
@@ -156,8 +193,8 @@ class JobStore:
             stage=stage,
             message=error[1] if error else "queued",
             spec_json=spec_json,
-            error_code=error[0] if error else "",
-            error_message=error[1] if error else "",
+            tracking_json=tracking_json,
+            **_error_columns(error),
             created_at=now,
             updated_at=now,
             finished_at=now if error else 0.0,
@@ -243,6 +280,7 @@ class JobStore:
                 stage="starting",
                 progress=0.0,
                 message="starting a worker",
+                tracking_state=TRACKING_PENDING,  # its MLflow run opens as it starts
                 started_at=now,
                 stage_started_at=now,
                 heartbeat_at=now,
@@ -289,7 +327,7 @@ class JobStore:
         attempt: int | None,
         state: str,
         *,
-        error: tuple[str, str] | None = None,
+        error: tuple[str, ...] | None = None,
         report: bytes | None = None,
         artifacts_json: str = "{}",
         message: str = "",
@@ -307,8 +345,7 @@ class JobStore:
                 state=state,
                 progress=1.0 if state == SUCCEEDED else JobRow.progress,
                 message=message or (error[1] if error else state.lower()),
-                error_code=error[0] if error else "",
-                error_message=error[1] if error else "",
+                **_error_columns(error),
                 report=report,
                 artifacts_json=artifacts_json,
                 finished_at=now,
@@ -397,7 +434,7 @@ class JobStore:
                 error = Aborted(
                     f"the server stopped {row.attempts} times while this job ran; given up"
                 )
-                done = self.finish(row.id, row.attempts, FAILED, error=(error.status, str(error)))
+                done = self.finish(row.id, row.attempts, FAILED, error=describe(error).record())
                 state = FAILED
             else:
                 done = self.requeue(
@@ -418,13 +455,21 @@ class JobStore:
             return [_record(r) for r in rows]
 
     def set_tracking(
-        self, audit_id: str, *, state: str | None = None, run_id: str | None = None, error: str = ""
+        self,
+        audit_id: str,
+        *,
+        state: str | None = None,
+        run_id: str | None = None,
+        experiment_id: str | None = None,
+        error: str = "",
     ) -> None:
         values: dict[str, Any] = {"tracking_error": error}
         if state is not None:
             values["tracking_state"] = state
         if run_id is not None:
             values["mlflow_run_id"] = run_id
+        if experiment_id is not None:
+            values["mlflow_experiment_id"] = experiment_id
         if error:
             values["tracking_attempts"] = JobRow.tracking_attempts + 1
         self._update(JobRow.id == audit_id, **values)

@@ -1,11 +1,18 @@
 """The MLflow record of each audit: one run per job, written with explicit run ids.
 
-MLflow is a record, not the system of record. A finished job is marked ``pending`` in
-the store; a background thread logs it (at once, at start-up, and every
-``tracking_retry_seconds`` while the tracking server is away). Logging is idempotent,
-so a retry after a partial attempt or a crash duplicates nothing: the run is found again
-by its id in the job row or by its ``cnp.audit_id`` tag, params and metrics already
-present are skipped, and artifacts overwrite themselves.
+MLflow is a record, not the system of record, kept in step with the job by a background
+thread: the run opens when the job starts (in the experiment the client named, with its
+tags), shows the stage and its progress while the job runs (every
+``tracking_live_seconds``), and receives everything when the job ends: metrics numbered
+as the reports number them, the dataset as the run's input, the audit table as an MLflow
+table, heatmaps as images, the pruned model as MLflow models (registered under the name
+the client gave), and the run's final status (FINISHED, FAILED or KILLED).
+
+Logging is idempotent, so a retry after a partial attempt or a crash duplicates nothing:
+the run is found again by its id in the job row or by its ``cnp.audit_id`` tag, params,
+metrics, inputs, images, models and versions already present are skipped, and artifacts
+overwrite themselves. While the tracking server is away, the job goes on and its record
+is retried every ``tracking_retry_seconds``.
 
 One job never blocks another's record: names from a dataset become valid, bounded
 MLflow keys; a job whose logging fails is retried with its own back-off while the
@@ -16,20 +23,33 @@ others go ahead, and after ``tracking_max_attempts`` it is given up (tracking st
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cnp.v1 import report_pb2
 from cnp_core.results import AP_COLUMNS
+from cnp_core.safe_text import visible
 
-from . import __version__
+from . import __version__, mlflow_model
 from .config import ServerConfig
-from .jobs import CANCELLED, FAILED, SUCCEEDED, TRACKING_DONE, TRACKING_FAILED, JobRecord
+from .errors import BadRequest, WrongState
+from .jobs import (
+    CANCELLED,
+    FAILED,
+    FINAL_STATES,
+    RUNNING,
+    SUCCEEDED,
+    TRACKING_DONE,
+    TRACKING_FAILED,
+    JobRecord,
+)
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +57,7 @@ log = logging.getLogger(__name__)
 TAG_AUDIT_ID = "cnp.audit_id"
 _RUN_STATUS = {SUCCEEDED: "FINISHED", FAILED: "FAILED", CANCELLED: "KILLED"}
 _BATCH = 500  # MLflow accepts at most 1000 metrics per log_batch
+TABLE_FILE = "audit_table.json"
 
 
 MAX_KEY = 250  # MLflow's limit on metric and param names
@@ -92,17 +113,28 @@ def _metric_values(prefix: tuple, metric: report_pb2.Metric) -> dict[str, float]
     }
 
 
+def subspace_name(index: int) -> str:
+    """The reports' name of a subspace: S1 is index 0."""
+    return f"S{index + 1}"
+
+
+def _class_name(report: report_pb2.AuditReport, group: report_pb2.GroupMetric) -> str:
+    return group.label_name or f"class {group.label}"
+
+
 def report_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
-    """Every AP (with interval and base rate), group metric, pruning count and timing."""
+    """Every AP (with interval and base rate), group metric, pruning count and timing;
+    subspaces are numbered as the reports number them (S1, S2, ...)."""
     metrics: dict[str, float] = {}
     for audit in report.attributes:
         head = ("audit", audit.attribute, audit.value, audit.layer)
-        metrics[_key(*head, "flagged_subspace")] = audit.flagged_subspace
+        metrics[_key(*head, "flagged_subspace")] = audit.flagged_subspace + 1
         metrics[_key(*head, "n_subspaces")] = audit.n_subspaces
         for s in audit.subspaces:
-            metrics[_key(*head, f"s{s.index}", "mean_relevance")] = s.mean_relevance
+            name = subspace_name(s.index)
+            metrics[_key(*head, name, "mean_relevance")] = s.mean_relevance
             for field, _, _ in AP_COLUMNS:
-                metrics.update(_metric_values((*head, f"s{s.index}", field), getattr(s, field)))
+                metrics.update(_metric_values((*head, name, field), getattr(s, field)))
     for name in ("before", "after"):
         if not report.HasField(name):
             continue
@@ -112,7 +144,7 @@ def report_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
             _metric_values((name, "worst_group_accuracy"), evaluation.worst_group_accuracy)
         )
         for g in evaluation.groups:
-            group = (name, "group", f"class {g.label}", g.attribute, g.value)
+            group = (name, "group", _class_name(report, g), g.attribute, g.value)
             metrics.update(_metric_values((*group, "accuracy"), g.accuracy))
             metrics[_key(*group, "count")] = g.count
         for field in ("parameters", "flops", "latency_ms"):
@@ -128,6 +160,44 @@ def report_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
     return metrics
 
 
+def model_steps(report: report_pb2.AuditReport) -> list[tuple[str, float, int]]:
+    """(key, value, step): the model before pruning at step 0 and after it at step 1, so
+    MLflow charts the change."""
+    points = []
+    for step, name in enumerate(("before", "after")):
+        if report.HasField(name):
+            evaluation = getattr(report, name)
+            for field in ("balanced_accuracy", "worst_group_accuracy"):
+                points.append((f"model/{field}", getattr(evaluation, field).value, step))
+            points.append(("model/parameters", float(evaluation.parameters), step))
+    return points
+
+
+def audit_table(report: report_pb2.AuditReport) -> dict[str, list[Any]]:
+    """The audit table as columns, for ``log_table`` (MLflow's table view)."""
+    columns: dict[str, list[Any]] = {
+        name: [] for name in ("attribute", "value", "layer", "subspace", "flagged")
+    }
+    columns["mean_relevance"] = []
+    for field, _, _ in AP_COLUMNS:
+        for suffix in ("", "_ci_low", "_ci_high"):
+            columns[field + suffix] = []
+    for audit in report.attributes:
+        for s in audit.subspaces:
+            columns["attribute"].append(audit.attribute)
+            columns["value"].append(audit.value)
+            columns["layer"].append(audit.layer)
+            columns["subspace"].append(subspace_name(s.index))
+            columns["flagged"].append(s.index == audit.flagged_subspace)
+            columns["mean_relevance"].append(s.mean_relevance)
+            for field, _, _ in AP_COLUMNS:
+                metric = getattr(s, field)
+                columns[field].append(metric.value)
+                columns[field + "_ci_low"].append(metric.ci_low)
+                columns[field + "_ci_high"].append(metric.ci_high)
+    return columns
+
+
 def model_uri(spec: dict[str, Any]) -> str:
     model = spec.get("model", {})
     weights = model.get("weights", "")
@@ -141,8 +211,90 @@ def model_uri(spec: dict[str, Any]) -> str:
     return f"{source}+{weights}" if weights else source
 
 
+# --- the client's options ------------------------------------------------------------
+
+RESERVED_TAG_PREFIXES = ("cnp.", "mlflow.")
+MAX_TAGS = 50
+MAX_TAG_VALUE = 5000  # MLflow's limit on a tag value
+MAX_EXPERIMENT_NAME = 500
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,255}")
+_TAG_KEY = re.compile(r"[A-Za-z0-9_\-. /]{1,250}")
+
+
+def _printable(text: str) -> bool:
+    return text.isprintable()
+
+
+def tracking_options(options: Any, config: ServerConfig, prunes: bool) -> str:
+    """The client's ``TrackingOptions``, checked, as the JSON the job row keeps; ``prunes``:
+    the job has a pruning stage (the model to register)."""
+    experiment, register = options.experiment.strip(), options.register_model.strip()
+    if len(experiment) > MAX_EXPERIMENT_NAME or not _printable(experiment):
+        raise BadRequest(
+            f"tracking.experiment: at most {MAX_EXPERIMENT_NAME} printable characters",
+            request_field="tracking.experiment",
+        )
+    if len(options.tags) > MAX_TAGS:
+        raise BadRequest(
+            f"tracking.tags: at most {MAX_TAGS} tags, got {len(options.tags)}",
+            request_field="tracking.tags",
+        )
+    for key, value in options.tags.items():
+        if not _TAG_KEY.fullmatch(key) or ".." in key.split("/"):
+            raise BadRequest(
+                f"tracking.tags: {visible(key)!r} is not a valid MLflow tag key (letters, "
+                "digits, '_', '-', '.', ' ', '/'; at most 250)",
+                request_field="tracking.tags",
+            )
+        if key.startswith(RESERVED_TAG_PREFIXES):
+            raise BadRequest(
+                f"tracking.tags: {key!r} is reserved (keys starting with "
+                f"{' or '.join(RESERVED_TAG_PREFIXES)} are set by cnp and MLflow)",
+                request_field="tracking.tags",
+            )
+        if len(value) > MAX_TAG_VALUE:
+            raise BadRequest(
+                f"tracking.tags[{key!r}]: at most {MAX_TAG_VALUE} characters",
+                request_field="tracking.tags",
+            )
+    if register and not _MODEL_NAME.fullmatch(register):
+        raise BadRequest(
+            f"tracking.register_model: {visible(register)!r} is not a model name (letters, "
+            "digits, '_', '-', '.', ' '; at most 256; starting with a letter or digit)",
+            request_field="tracking.register_model",
+        )
+    if register and not prunes:
+        raise BadRequest(
+            "tracking.register_model: an audit without a pruning stage makes no new model "
+            "to register; add a prune stage, or leave register_model out",
+            request_field="tracking.register_model",
+        )
+    if register and not config.tracking_enabled:
+        raise WrongState(
+            "tracking.register_model: this server keeps no MLflow record "
+            "(started with --no-tracking), so it has no model registry",
+            request_field="tracking.register_model",
+        )
+    chosen = {"experiment": experiment, "tags": dict(sorted(options.tags.items()))}
+    if register:
+        chosen["register_model"] = register
+    return json.dumps(chosen, sort_keys=True)
+
+
+# --- writing runs --------------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    """What the tracker has already mirrored of a running job."""
+
+    opened: bool = False
+    stage: str = ""
+    stage_started_at: float = 0.0
+
+
 class RunLogger:
-    """Logs finished jobs to one MLflow tracking URI, through ``MlflowClient``."""
+    """Writes jobs' runs to one MLflow tracking URI, through ``MlflowClient``."""
 
     def __init__(self, config: ServerConfig, store: JobStore) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(config.tracking_http_retries))
@@ -150,27 +302,39 @@ class RunLogger:
         from mlflow.tracking import MlflowClient
 
         self.config, self.store = config, store
-        self.client = MlflowClient(tracking_uri=config.effective_tracking_uri)
-        self._experiment_id: str | None = None
+        uri = config.effective_tracking_uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self._experiments: dict[str, str] = {}
 
-    def experiment_id(self) -> str:
-        if self._experiment_id is None:
-            name = self.config.tracking_experiment
+    def experiment_id(self, name: str = "") -> str:
+        """The id of experiment ``name`` (the server's default when empty), created if new."""
+        from mlflow.exceptions import MlflowException
+
+        name = name or self.config.tracking_experiment
+        if name not in self._experiments:
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
-                self._experiment_id = self.client.create_experiment(
-                    name, artifact_location=self.config.tracking_artifact_location
-                )
-            else:
-                self._experiment_id = experiment.experiment_id
-        return self._experiment_id
+                try:
+                    self._experiments[name] = self.client.create_experiment(
+                        name, artifact_location=self.config.tracking_artifact_location
+                    )
+                except MlflowException:  # created meanwhile by another replica
+                    experiment = self.client.get_experiment_by_name(name)
+                    if experiment is None:
+                        raise
+            if experiment is not None:
+                if experiment.lifecycle_stage != "active":
+                    raise ValueError(f"MLflow experiment {name!r} is deleted; restore it")
+                self._experiments[name] = experiment.experiment_id
+        return self._experiments[name]
 
     def _run_id(self, job: JobRecord) -> str:
         """The job's run: the one stored in its row, else the one tagged with its id, else new."""
         if job.mlflow_run_id:
             return job.mlflow_run_id
+        experiment = self.experiment_id(job.tracking.get("experiment", ""))
         found = self.client.search_runs(
-            [self.experiment_id()],
+            [experiment],
             filter_string=f"tags.`{TAG_AUDIT_ID}` = '{job.id}'",
             max_results=1,
         )
@@ -178,42 +342,82 @@ class RunLogger:
             run_id = found[0].info.run_id
         else:
             run = self.client.create_run(
-                self.experiment_id(),
+                experiment,
                 start_time=int((job.started_at or job.created_at) * 1000),
                 tags={TAG_AUDIT_ID: job.id},
                 run_name=job.id,
             )
             run_id = run.info.run_id
-        self.store.set_tracking(job.id, run_id=run_id)
+        self.store.set_tracking(job.id, run_id=run_id, experiment_id=experiment)
         return run_id
 
-    def log(self, job: JobRecord, workdir: Path) -> str:
-        """Record one finished job; returns the run id. Safe to call again after a failure."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        run_id = self._run_id(job)
-        run = self.client.get_run(run_id)
-        spec = job.spec
-        report = report_pb2.AuditReport.FromString(job.report) if job.report else None
+    def _tags(self, job: JobRecord, report: report_pb2.AuditReport | None) -> dict[str, str]:
         tags = {
+            **job.tracking.get("tags", {}),
             TAG_AUDIT_ID: job.id,
             "cnp.request_id": job.request_id or "",
-            "cnp.model_uri": model_uri(spec),
-            "cnp.model_sha256": report.model_sha256 if report else "",
-            "cnp.dataset_digest": report.dataset_digest if report else "",
+            "cnp.model_uri": model_uri(job.spec),
             "cnp.service_version": __version__,
             "cnp.state": job.state,
+            "cnp.stage": job.stage,
             "cnp.attempts": str(job.attempts),
         }
+        if report is not None:
+            tags["cnp.model_sha256"] = report.model_sha256
+            tags["cnp.dataset_digest"] = report.dataset_digest
+            if report.HasField("model_source"):
+                source = report.model_source
+                tags["cnp.model_source"] = (
+                    f"models:/{source.name}/{source.version}" if source.name else source.uri
+                )
         if job.error_code:
             tags["cnp.error_code"] = job.error_code
-            tags["cnp.error_message"] = job.error_message[:5000]
-        params = {k: v[:6000] for k, v in flatten_spec(spec).items() if k not in run.data.params}
+            tags["cnp.error_message"] = job.error_message[:MAX_TAG_VALUE]
+        return tags
+
+    def _open(self, run_id: str, job: JobRecord, report: Any = None) -> Any:
+        """Params (those not yet logged) and tags; returns the run as it was before."""
+        from mlflow.entities import Param, RunTag
+
+        run = self.client.get_run(run_id)
+        params = {
+            k: v[:6000] for k, v in flatten_spec(job.spec).items() if k not in run.data.params
+        }
         self.client.log_batch(
             run_id,
             params=[Param(k, v) for k, v in params.items()],
-            tags=[RunTag(k, v) for k, v in tags.items()],
+            tags=[RunTag(k, v) for k, v in self._tags(job, report).items()],
         )
+        return run
+
+    def live(self, job: JobRecord, seen: _Live) -> None:
+        """Mirror a running job: its run opens at once, then stage, progress and the
+        seconds each finished stage took, as they happen (step = seconds since start)."""
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self._run_id(job)
+        if not seen.opened:
+            self._open(run_id, job)
+            seen.opened = True
+        now = time.time()
+        stamp, step = int(now * 1000), max(0, int(now - (job.started_at or now)))
+        metrics = [Metric(_key("progress", job.stage or "starting"), job.progress, stamp, step)]
+        tags = []
+        if job.stage != seen.stage:
+            if seen.stage:
+                took = max(0.0, job.stage_started_at - seen.stage_started_at)
+                metrics.append(Metric(_key("stage_seconds", seen.stage), took, stamp, 0))
+            tags.append(RunTag("cnp.stage", job.stage))
+            seen.stage, seen.stage_started_at = job.stage, job.stage_started_at
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+
+    def log(self, job: JobRecord, workdir: Path) -> str:
+        """Record one finished job; returns the run id. Safe to call again after a failure."""
+        from mlflow.entities import Metric
+
+        run_id = self._run_id(job)
+        report = report_pb2.AuditReport.FromString(job.report) if job.report else None
+        run = self._open(run_id, job, report)
         if report is not None:
             stamp = int((job.finished_at or job.updated_at) * 1000)
             missing = [
@@ -221,13 +425,13 @@ class RunLogger:
                 for k, v in report_metrics(report).items()
                 if k not in run.data.metrics
             ]
+            if "model/balanced_accuracy" not in run.data.metrics:
+                missing += [Metric(k, v, stamp, step) for k, v, step in model_steps(report)]
             for start in range(0, len(missing), _BATCH):
                 self.client.log_batch(run_id, metrics=missing[start : start + _BATCH])
-            for info in job.artifacts.values():
-                path = workdir / info["path"]
-                if path.is_file():
-                    parent = str(Path(info["path"]).parent)
-                    self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+            self._log_dataset(run_id, run, job, report)
+            self._log_files(run_id, job, report, workdir)
+            self._log_models(run_id, run, job, workdir)
         self.client.set_terminated(
             run_id,
             status=_RUN_STATUS.get(job.state, "FINISHED"),
@@ -235,9 +439,90 @@ class RunLogger:
         )
         return run_id
 
+    def _log_dataset(self, run_id: str, run: Any, job: JobRecord, report: Any) -> None:
+        """The audit dataset as the run's input, named by its directory, with its digest."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        if not report.dataset_digest:
+            return
+        digest = report.dataset_digest[:36]  # MLflow's limit on a dataset digest
+        logged = run.inputs.dataset_inputs if run.inputs else []
+        if any(d.dataset.digest == digest for d in logged):
+            return
+        root = job.spec.get("dataset", {}).get("root", "")
+        dataset = Dataset(
+            name=_part(Path(root).name or "dataset")[:500],
+            digest=digest,
+            source_type="local",
+            source=json.dumps({"uri": Path(root).as_uri() if root.startswith("/") else root}),
+        )
+        context = InputTag("mlflow.data.context", "audit")
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])])
+
+    def _log_files(self, run_id: str, job: JobRecord, report: Any, workdir: Path) -> None:
+        """Artifacts as files; the audit table as an MLflow table; PNGs as images."""
+        from PIL import Image
+
+        logged_images = {
+            Path(f.path).name.split("%")[0] for f in self.client.list_artifacts(run_id, "images")
+        }
+        for name, info in job.artifacts.items():
+            path = workdir / info["path"]
+            if not path.is_file():
+                continue
+            parent = str(Path(info["path"]).parent)
+            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+            key = _key(*Path(name).with_suffix("").parts)
+            if info.get("content_type") == "image/png" and _image_file(key) not in logged_images:
+                try:
+                    with Image.open(path) as image:
+                        picture = image.convert("RGB")
+                except (OSError, Image.DecompressionBombError):
+                    log.warning("job %s: %s is not an image MLflow can show", job.id, name)
+                    continue
+                self.client.log_image(run_id, picture, key=key, step=0)
+        if report.attributes:
+            self.client.log_table(run_id, data=audit_table(report), artifact_file=TABLE_FILE)
+
+    def _log_models(self, run_id: str, run: Any, job: JobRecord, workdir: Path) -> None:
+        """The pruned model's MLflow models (pytorch, ONNX), registered when asked."""
+        uploaded = {f.path for f in self.client.list_artifacts(run_id)}
+        for flavor, artifact_path in mlflow_model.ARTIFACT_PATHS.items():
+            local = workdir / mlflow_model.DIRECTORY / flavor
+            if local.is_dir() and artifact_path not in uploaded:
+                self.client.log_artifacts(run_id, str(local), artifact_path)
+        name = job.tracking.get("register_model", "")
+        if name and (workdir / mlflow_model.DIRECTORY / mlflow_model.PYTORCH).is_dir():
+            self._register(run_id, run, name, job.id)
+
+    def _register(self, run_id: str, run: Any, name: str, audit_id: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if not versions:
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as err:
+                if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            source = f"{run.info.artifact_uri.rstrip('/')}/{mlflow_model.ARTIFACT_PATHS['pytorch']}"
+            versions = [
+                self.client.create_model_version(
+                    name, source=source, run_id=run_id, tags={TAG_AUDIT_ID: audit_id}
+                )
+            ]
+        self.client.set_tag(run_id, "cnp.registered_model", f"models:/{name}/{versions[0].version}")
+
+
+def _image_file(key: str) -> str:
+    """The file-name stem MLflow gives an image logged under ``key``."""
+    return key.replace("/", "#")
+
 
 class Tracker:
-    """Background thread that logs pending jobs and retries while MLflow is unavailable."""
+    """Background thread that keeps each job's MLflow run in step with the job: opened when
+    it starts, progress mirrored while it runs, everything logged when it ends; retried
+    with back-off while MLflow is unavailable."""
 
     def __init__(self, config: ServerConfig, store: JobStore) -> None:
         self.config, self.store = config, store
@@ -246,6 +531,7 @@ class Tracker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tracker", daemon=True)
         self._retry_at: dict[str, float] = {}  # job id -> monotonic time of its next try
+        self._live: dict[str, _Live] = {}  # running job id -> what its run already shows
 
     def start(self) -> None:
         self._thread.start()
@@ -264,24 +550,38 @@ class Tracker:
                 self.flush()
             except Exception:
                 log.exception("tracking loop error")
-            self._wake.wait(self.config.tracking_retry_seconds)
+            # While a job runs its run follows it every tracking_live_seconds.
+            wait = self.config.tracking_retry_seconds
+            if self._live:
+                wait = min(wait, self.config.tracking_live_seconds)
+            self._wake.wait(wait)
             self._wake.clear()
 
     def flush(self) -> int:
-        """Log every pending job whose back-off has passed; returns how many were logged.
-
-        A failure postpones that job only; the pass stops after a few failures in a row,
-        when the tracking store itself is probably away.
-        """
+        """Bring every pending job's run up to date (a running job's progress, a finished
+        job's whole record) unless its back-off has not passed; returns how many finished
+        jobs were recorded. A failure postpones that job only; the pass stops after a few
+        failures in a row, when the tracking store itself is probably away."""
         logged = failed = 0
-        for job in self.store.tracking_pending():
+        pending = self.store.tracking_pending()
+        running = {job.id for job in pending if job.state == RUNNING}
+        for gone in set(self._live) - running:
+            del self._live[gone]
+        for job in pending:
             if self._stop.is_set() or failed >= _STOP_AFTER:
                 break
-            if self._retry_at.get(job.id, 0.0) > time.monotonic():
+            if self._retry_at.get(job.id, 0.0) > time.monotonic() or job.state not in (
+                RUNNING,
+                *FINAL_STATES,
+            ):
                 continue
             try:
                 if self._logger is None:
                     self._logger = RunLogger(self.config, self.store)
+                if job.state == RUNNING:
+                    self._logger.live(job, self._live.setdefault(job.id, _Live()))
+                    self._retry_at.pop(job.id, None)
+                    continue
                 run_id = self._logger.log(job, self.config.jobs_path / job.id)
             except Exception as exc:
                 failed += 1

@@ -15,6 +15,7 @@ exactly as :func:`run` would. Either way a process runs one job and exits.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,16 +35,20 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from cnp.v1 import report_pb2
 from cnp_core import convert
 from cnp_core.errors import Cancelled
 from cnp_core.results import AuditResult
+from cnp_core.spec import AuditSpec
 
-from .errors import classify
-from .jobs import CANCELLED, FAILED, SUCCEEDED
+from . import mlflow_model, registry
+from .errors import describe
+from .jobs import CANCELLED, FAILED, SUCCEEDED, JobRecord
 
 log = logging.getLogger("cnp_server.worker")
 
 REPORT_NAME = "report.json"
+SOURCE_MODEL_DIR = "source_model"  # an MLflow model's weights, fetched for this job
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class WorkerTask:
     progress_interval: float = 0.5
     environment: dict[str, str] = field(default_factory=dict)
     memory_limit: int = 0  # bytes the job may allocate (RLIMIT_DATA); 0: none
+    tracking_uri: str = ""  # MLflow, for model URIs and the pruned model's MLflow models
+    max_weights_bytes: int = 4 << 30
 
     @property
     def setup(self) -> WorkerSetup:
@@ -190,8 +197,41 @@ def describe_artifacts(paths: dict[str, str], workdir: Path) -> dict[str, dict[s
     return described
 
 
+def _fetch_model(
+    spec: AuditSpec, task: WorkerTask, workdir: Path
+) -> tuple[registry.ModelSource, AuditSpec]:
+    """The MLflow model the spec names, fetched into the job's directory; returns where it
+    came from and the spec that reads the fetched weights."""
+    source = registry.resolve(spec.model.weights, task.tracking_uri)
+    local, source = registry.fetch(
+        source, workdir / SOURCE_MODEL_DIR, task.tracking_uri, task.max_weights_bytes
+    )
+    model = dataclasses.replace(spec.model, weights=str(local))
+    return source, dataclasses.replace(spec, model=model)
+
+
+def _save_mlflow_models(result: AuditResult, job: JobRecord, workdir: Path) -> None:
+    """The pruned model as MLflow models, for the tracker to log (and register)."""
+    weights = result.artifacts.get("model_compact.safetensors")
+    if not weights:
+        return
+    spec = result.spec
+    metadata = {
+        "audit_id": job.id,
+        "architecture": spec.model.architecture,
+        "num_classes": spec.model.num_classes,
+        "classes": list(spec.model.classes),
+        "prune_method": spec.prune.method if spec.prune else "",
+        "prune_rate": spec.prune.rate if spec.prune else 0.0,
+    }
+    mlflow_model.save_models(Path(weights).parent, workdir, metadata, spec.dataset.input_size)
+
+
 def finish_success(
-    result: AuditResult, task: WorkerTask, workdir: Path
+    result: AuditResult,
+    task: WorkerTask,
+    workdir: Path,
+    source: registry.ModelSource | None = None,
 ) -> tuple[bytes, dict[str, dict[str, Any]]]:
     """The serialized report and the artifact list; writes the canonical report.json.
 
@@ -211,6 +251,16 @@ def finish_success(
         artifacts=artifacts,
         service_version=task.service_version,
     )
+    if source is not None:
+        report.model_source.CopyFrom(
+            report_pb2.ModelSource(
+                uri=source.uri,
+                name=source.name,
+                version=source.version,
+                run_id=source.run_id,
+                artifact_path=source.artifact_path,
+            )
+        )
     canonical.write_text(convert.report_to_json(report) + "\n")
     artifacts.update(describe_artifacts({REPORT_NAME: str(canonical)}, workdir))
     return report.SerializeToString(), artifacts
@@ -309,15 +359,23 @@ def run_job(task: WorkerTask) -> None:
         job = store.get(task.audit_id)
         spec = convert.spec_from_json(job.spec_json)
         _prepare_workdir(workdir)
+        roots = [Path(r) for r in task.allowed_roots]
+        source, local_spec = None, spec
+        if registry.is_model_uri(spec.model.weights):
+            source, local_spec = _fetch_model(spec, task, workdir)
+            roots.append(workdir / SOURCE_MODEL_DIR)
         engine = load_engine(task.engine)
         result = engine.run_audit(
-            spec,
+            local_spec,
             workdir=workdir,
             progress=ProgressWriter(store, task),
             cancelled=CancelCheck(store, task.audit_id, task.progress_interval),
-            allowed_roots=[Path(r) for r in task.allowed_roots],
+            allowed_roots=roots,
         )
-        report, artifacts = finish_success(result, task, workdir)
+        result.spec = spec  # the report names the model as the client did
+        if task.tracking_uri:
+            _save_mlflow_models(result, job, workdir)
+        report, artifacts = finish_success(result, task, workdir, source)
         _persist(
             lambda: store.finish(
                 task.audit_id,
@@ -330,13 +388,14 @@ def run_job(task: WorkerTask) -> None:
         )
         log.info("succeeded")
     except Cancelled as exc:
-        error = ("CANCELLED", str(exc))
+        error = describe(exc).record()
         _persist(lambda: store.finish(task.audit_id, task.attempt, CANCELLED, error=error))
         log.info("cancelled")
     except BaseException as exc:
-        code, message = classify(exc)
-        _persist(lambda: store.finish(task.audit_id, task.attempt, FAILED, error=(code, message)))
-        log.info("failed with %s: %s", code, message)
+        failure = describe(exc)
+        error = failure.record()
+        _persist(lambda: store.finish(task.audit_id, task.attempt, FAILED, error=error))
+        log.info("failed with %s: %s", failure.code, failure.message)
         if not isinstance(exc, Exception):
             raise
     finally:

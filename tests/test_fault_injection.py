@@ -1125,10 +1125,10 @@ def server_kills(restarts, refs, gates) -> dict[str, object]:
     for job in [*finishing, stubborn]:  # the tracker is idle again
         wait_for(lambda j=job: service.client.get(j).tracking_state == "done", timeout=60)
 
-    last = service.client.submit(make_spec(refs, f"hold:work:{last_gate}")).id
-    _running(service, last, "work")
     mlflow_lock = _write_lock(data / "mlflow.db")  # the tracker cannot create a run
     try:
+        last = service.client.submit(make_spec(refs, f"hold:work:{last_gate}")).id
+        _running(service, last, "work")  # its run cannot open as it starts
         last_gate.touch()
         _finished(service, last, "OK")  # its outcome is stored; its record waits
         jobs_lock = _write_lock(data / "jobs.db")  # nor store the run's id

@@ -13,6 +13,7 @@ import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_server_support import ServerProcess, wait_for
 
@@ -156,14 +157,37 @@ def test_factories_run_only_when_listed_and_only_in_a_worker(client, server, ben
     assert importers and server.process.pid not in importers
 
 
-def test_pruning_through_the_service_and_the_model_in_mlflow(client, server, bench, tmp_path):
+def test_pruning_through_the_service_and_the_model_in_mlflow(
+    client, server, bench, tmp_path, monkeypatch
+):
+    """The MLflow run follows the job: visible while it runs, in the experiment the client
+    named, with its tags; at the end the metrics, the dataset input, the audit table, the
+    heatmaps as images and the pruned model as MLflow models, registered under the name
+    the client gave; then a second audit reads that model back as models:/NAME/1."""
+    import mlflow.pyfunc as mlflow_pyfunc
     import torch
+    from mlflow.models import get_model_info
+    from mlflow.tracking import MlflowClient
 
+    uri = f"sqlite:///{server.data_dir / 'mlflow.db'}"
+    mlflow = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for MLflow's model loaders below
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     # The supervised concept (CAV) flags the watermark reliably on this small benchmark;
     # this test is about the service path, the science is tested in cnp_core's tests.
     spec = _spec(bench, method="cav", prune=PruneSpec(method="cnp", rate=0.3))
-    job = client.submit(spec)
-    stages = {p.stage for p in client.watch(job.id)}
+    tags = {"git.commit": "0123abc", "ci.pipeline": "42"}
+    job = client.submit(spec, experiment="ci-audits", tags=tags, register_model="shapes-cnp")
+    live = None
+    stages = set()
+    for progress in client.watch(job.id):
+        stages.add(progress.stage)
+        if live is None and progress.state == "RUNNING":
+            run_id = client.get(job.id).mlflow_run_id
+            live = mlflow.get_run(run_id) if run_id else None  # while the job runs
+    assert live is not None and live.info.status == "RUNNING"
+    assert mlflow.get_experiment(live.info.experiment_id).name == "ci-audits"
+    assert live.data.tags["git.commit"] == "0123abc" and live.data.tags["cnp.audit_id"] == job.id
     assert "prune" in stages
     report = client.report(job.id)
     assert report.after is not None and report.proto.pruning.filters_removed > 0
@@ -174,18 +198,48 @@ def test_pruning_through_the_service_and_the_model_in_mlflow(client, server, ben
     x = torch.zeros(2, 3, bench.input_size, bench.input_size)
     assert tuple(program(x).shape) == (2, bench.num_classes)
 
-    run_id = wait_for(lambda: client.get(job.id).mlflow_run_id, timeout=120, interval=0.5)
-    from mlflow.tracking import MlflowClient
-
-    mlflow = MlflowClient(tracking_uri=f"sqlite:///{server.data_dir / 'mlflow.db'}")
+    wait_for(lambda: client.get(job.id).tracking_state == "done", timeout=120, interval=0.5)
+    run_id = live.info.run_id
     run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ci.pipeline"] == "42"
     assert run.data.params["prune.method"] == "cnp"
     assert any(k.startswith("after/") for k in run.data.metrics)
+    assert any(k.startswith("progress/") for k in run.data.metrics)  # logged as it ran
+    flagged = report.proto.attributes[0].flagged_subspace
+    assert any(f"/S{flagged + 1}/ap_attribute" in k for k in run.data.metrics)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == report.proto.dataset_digest[:36]
     stored = [a.path for a in _walk(mlflow, run_id)]
-    pt2 = next(p for p in stored if p.endswith(".pt2"))
-    local = mlflow.download_artifacts(run_id, pt2, str(tmp_path))
-    again = torch.export.load(local).module()
+    assert "audit_table.json" in stored and "model/MLmodel" in stored
+    assert any(p.startswith("images/") for p in stored)  # heatmaps in MLflow's image view
+    pt2 = next(p for p in stored if p.endswith("model.pt2"))
+    again = torch.export.load(mlflow.download_artifacts(run_id, pt2, str(tmp_path))).module()
     assert torch.allclose(again(x), program(x))
+
+    info = get_model_info(f"runs:/{run_id}/model")
+    assert info.signature is not None and info.metadata["cnp"]["architecture"]
+    version = mlflow.get_model_version("shapes-cnp", "1")
+    assert version.run_id == run_id
+    assert run.data.tags["cnp.registered_model"] == "models:/shapes-cnp/1"
+    served = mlflow_pyfunc.load_model("models:/shapes-cnp/1").predict(x.numpy())
+    served = torch.from_numpy(np.asarray(served))
+    assert torch.allclose(served, program(x), atol=1e-4)
+
+    # A second audit of the registered model: its weights, never its pickle.
+    second = _spec(bench)
+    second.model.weights = "models:/shapes-cnp/1"
+    audited = client.audit(second, timeout=600)
+    source = audited.proto.model_source
+    assert (source.name, source.version, source.run_id) == ("shapes-cnp", "1", run_id)
+    assert source.artifact_path.endswith("model.safetensors")
+    assert audited.spec.model.weights == "models:/shapes-cnp/1"
+    assert audited.proto.before.parameters == report.after.parameters  # the pruned model
+
+    for missing in ("models:/shapes-cnp/7", "models:/no-such-model/1", "models:/shapes-cnp@gone"):
+        second.model.weights = missing
+        with pytest.raises(ServiceError) as err:
+            client.submit(second)
+        assert err.value.code == "NOT_FOUND" and missing in str(err.value)
 
 
 def _walk(mlflow, run_id, path=None):

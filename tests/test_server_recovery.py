@@ -89,7 +89,7 @@ def test_kill_9_during_a_running_job_then_restart_reruns_it_once(tmp_path):
     run = runs[0]
     assert run.info.run_name == job.id and run.info.status == "FINISHED"
     assert run.data.tags["cnp.attempts"] == "2"
-    key = "audit/wm/1/layer/s1/ap_attribute"
+    key = "audit/wm/1/layer/S2/ap_attribute"
     assert run.data.metrics[key] == pytest.approx(0.95)
     assert len(mlflow.get_metric_history(run_id, key)) == 1
     assert {a.path for a in mlflow.list_artifacts(run_id)} >= {"report.json", "audit_table.csv"}

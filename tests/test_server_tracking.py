@@ -23,7 +23,7 @@ from cnp_client import AuditClient
 from cnp_server.config import ServerConfig
 from cnp_server.jobs import FAILED, SUCCEEDED, TRACKING_DONE, TRACKING_FAILED, TRACKING_PENDING
 from cnp_server.store import JobStore
-from cnp_server.tracking import RunLogger, Tracker, flatten_spec, report_metrics
+from cnp_server.tracking import RunLogger, Tracker, flatten_spec, model_steps, report_metrics
 from cnp_server.worker import WorkerTask, finish_success
 
 pytestmark = pytest.mark.slow
@@ -63,9 +63,13 @@ def test_logging_twice_duplicates_nothing(tmp_path):
     runs = client.search_runs([logger.experiment_id()])
     assert [r.info.run_id for r in runs] == [run_id]
     run = runs[0]
-    expected = report_metrics(report_pb2.AuditReport.FromString(job.report))
-    assert set(run.data.metrics) == set(expected) and len(expected) > 100
-    for key in ("audit/wm/1/layer/s1/ap_attribute", "after/balanced_accuracy.ci_low"):
+    report = report_pb2.AuditReport.FromString(job.report)
+    expected = report_metrics(report)
+    steps = {key for key, _, _ in model_steps(report)}
+    assert set(run.data.metrics) == set(expected) | steps and len(expected) > 100
+    history = client.get_metric_history(run_id, "model/worst_group_accuracy")
+    assert sorted(m.step for m in history) == [0, 1]  # before and after pruning
+    for key in ("audit/wm/1/layer/S2/ap_attribute", "after/balanced_accuracy.ci_low"):
         assert len(client.get_metric_history(run_id, key)) == 1
     assert run.data.metrics["before/flops"] == 3e9
     assert run.data.params == flatten_spec(job.spec)
@@ -210,7 +214,7 @@ def test_outage_then_a_real_mlflow_server_receives_the_run(tmp_path):
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert params["model.architecture"] == "scripted" and params["prune.method"] == "cnp"
         assert metrics["after/balanced_accuracy"] == pytest.approx(0.85)
-        key = "audit/wm/1/layer/s1/ap_attribute"
+        key = "audit/wm/1/layer/S2/ap_attribute"
         assert metrics[key] == pytest.approx(0.95)
         history = _rest(uri, f"metrics/get-history?run_id={run_id}&metric_key={quote(key)}")
         assert len(history["metrics"]) == 1

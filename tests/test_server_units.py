@@ -16,12 +16,19 @@ import pytest
 import test_server_support as support
 
 from cnp_core import convert
-from cnp_core.errors import DatasetError, InvalidSpec
+from cnp_core.errors import DatasetError, InvalidSpec, ModelError
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
 from cnp_server.auth import ensure_token
 from cnp_server.config import ConfigError, ServerConfig, load_config, mask_url
 from cnp_server.engine import check_references
-from cnp_server.errors import BadRequest, NotFound, PermissionDenied, QueueFull, classify
+from cnp_server.errors import (
+    BadRequest,
+    NotFound,
+    PermissionDenied,
+    QueueFull,
+    WrongState,
+    classify,
+)
 from cnp_server.executor import LocalExecutor
 from cnp_server.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TRACKING_PENDING
 from cnp_server.store import JobStore
@@ -232,9 +239,16 @@ def test_paths_must_stay_under_an_allowed_root(tmp_path):
     allowed.mkdir()
     outside.mkdir()
     (allowed / "w.safetensors").write_bytes(b"x")
-    config = ServerConfig(allow_roots=[str(allowed)])
+    config = ServerConfig(allow_roots=[str(allowed)], data_dir=str(tmp_path / "data"))
     check_references(_spec(str(allowed / "w.safetensors"), str(allowed)), config)
-    check_references(_spec("models:/m/1", str(allowed)), config)  # MLflow URIs are not paths
+    # MLflow URIs are not paths: they name models in the server's own MLflow.
+    with pytest.raises(NotFound, match="no such model in MLflow"):
+        check_references(_spec("models:/m/1", str(allowed)), config)
+    with pytest.raises(ModelError, match="not an MLflow model URI"):
+        check_references(_spec("mlflow-artifacts:/x/y", str(allowed)), config)
+    config.tracking_enabled = False
+    with pytest.raises(WrongState, match="--no-tracking"):
+        check_references(_spec("models:/m/1", str(allowed)), config)
     with pytest.raises(PermissionDenied, match="not under an allowed root"):
         check_references(_spec(str(outside / "w.pt"), str(allowed)), config)
     with pytest.raises(PermissionDenied, match="not under an allowed root"):
@@ -465,10 +479,10 @@ def test_metric_names_from_dataset_values_are_valid_for_mlflow(value):
 
     from cnp_server.tracking import MAX_KEY, _key
 
-    key = _key("audit", "wm", value, "layer2", "s0", "ap_attribute.ci_low")
+    key = _key("audit", "wm", value, "layer2", "S1", "ap_attribute.ci_low")
     _validate_metric_name(key)
     assert len(key) <= MAX_KEY
-    assert key != _key("audit", "wm", value + "x", "layer2", "s0", "ap_attribute.ci_low")
+    assert key != _key("audit", "wm", value + "x", "layer2", "S1", "ap_attribute.ci_low")
     assert _key("a", "ü") != _key("a", "ö")
 
 
@@ -504,3 +518,64 @@ def test_a_failure_loop_logs_once_per_window_and_counts_the_rest():
         "job aud-2 started",
         "executor loop error (99 identical messages in the last 0.2 s not logged)",
     ]
+
+
+def test_the_clients_mlflow_options_are_checked_before_a_job_exists(tmp_path):
+    from cnp.v1 import service_pb2
+    from cnp_server.tracking import tracking_options
+
+    config = ServerConfig(data_dir=str(tmp_path))
+
+    def options(**fields):
+        return service_pb2.TrackingOptions(**fields)
+
+    chosen = tracking_options(
+        options(experiment=" ci ", tags={"git.commit": "abc"}, register_model="shapes"),
+        config,
+        prunes=True,
+    )
+    assert json.loads(chosen) == {
+        "experiment": "ci",
+        "tags": {"git.commit": "abc"},
+        "register_model": "shapes",
+    }
+    refused = [
+        (options(tags={"cnp.audit_id": "x"}), True, "reserved"),
+        (options(tags={"mlflow.user": "x"}), True, "reserved"),
+        (options(tags={"a\nb": "x"}), True, "not a valid MLflow tag key"),
+        (options(tags={"../up": "x"}), True, "not a valid MLflow tag key"),
+        (options(tags={f"k{i}": "v" for i in range(51)}), True, "at most 50 tags"),
+        (options(tags={"k": "v" * 5001}), True, "at most 5000"),
+        (options(experiment="x\x1b[2J"), True, "printable"),
+        (options(register_model="../x"), True, "not a model name"),
+        (options(register_model="shapes"), False, "without a pruning stage"),
+    ]
+    for message, prunes, match in refused:
+        with pytest.raises(BadRequest, match=match) as err:
+            tracking_options(message, config, prunes=prunes)
+        assert err.value.request_field.startswith("tracking.")
+    config.tracking_enabled = False
+    with pytest.raises(WrongState, match="no model registry"):
+        tracking_options(options(register_model="shapes"), config, prunes=True)
+
+
+def test_a_store_from_an_older_release_gains_the_new_columns(tmp_path):
+    """Columns added since (the client's MLflow options, the experiment id, the error's
+    details) are added on start-up; the jobs already there stay readable."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore(url)
+    old = store.create(json.dumps({"layers": ["x"]}))
+    store.close()
+    new = ("tracking_json", "mlflow_experiment_id", "error_details")
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        for column in new:
+            db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+    store = JobStore(url)
+    job = store.get(old.id)
+    assert (job.tracking_json, job.mlflow_experiment_id, job.error_details) == ("{}", "", "")
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    assert set(new) <= columns
+    store.close()
