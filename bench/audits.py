@@ -61,7 +61,7 @@ def job_spec(bench, quick: bool = False, dataset: Path | None = None, **override
 
 def cli_arguments(spec) -> list[str]:
     """``cnp audit`` flags that ask for exactly ``spec`` (no pruning)."""
-    from cnp_client.cli import spec_arguments
+    from cnp_client.spec_flags import spec_arguments
 
     return spec_arguments(spec)
 

@@ -83,7 +83,7 @@ from typing import Any
 
 import numpy as np
 
-from cnp_client.cli import _int_list, spec_arguments
+from cnp_client.spec_flags import _int_list, spec_arguments
 from cnp_core.errors import InvalidSpec
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef, PruneSpec
 

@@ -1,14 +1,14 @@
 """The ``cnp`` command line: run concept audits against a server, as CI gates.
 
-One command submits an audit, follows its progress, writes the canonical JSON report, a
-JUnit file and a Markdown summary, applies the gate rules (:mod:`cnp_client.gates`) and
-exits with a code CI can rely on (:data:`EXIT_CODES_HELP`).
+One command submits an audit (its spec from flags, from a YAML or JSON file, or both),
+follows its progress, writes the canonical JSON report, a JUnit file and a Markdown
+summary, applies the gate rules (:mod:`cnp_client.gates`) and exits with a code CI can rely
+on (:data:`EXIT_CODES_HELP`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import queue
@@ -17,35 +17,30 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from google.protobuf import json_format
 
+from cnp.v1 import spec_pb2
 from cnp_core.errors import CnpError
 from cnp_core.spec import (
-    CONCEPT_METHODS,
-    PRUNE_METHODS,
-    PRUNE_SCOPES,
-    SCHEDULES,
-    SCORES,
     AuditSpec,
-    DatasetRef,
-    ModelRef,
-    PruneSpec,
 )
 
-from . import reports
+from . import calls, reports
 from .client import AuditClient, Job, Progress, ServiceError, code_name
-from .gates import GRAMMAR, GateError, Rule, all_passed, evaluate, parse_rules
+from .gates import GRAMMAR, WARN, Check, GateError, Rule, all_passed, evaluate, parse_rule
+from .spec_flags import SpecError, add_spec_flags, default_spec_text, spec_from_args
 
 EXIT_PASS = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
-EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: the job was cancelled
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 # gRPC codes a user or its configuration causes; retrying will not help. Every other
 # code (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, ABORTED, ...) is an
@@ -63,20 +58,29 @@ BAD_INPUT_CODES = frozenset(
     }
 )
 
-EXIT_CODES_HELP = """\
+_EXIT_CODES = """\
 exit codes (stable; CI relies on them):
-  0  the audit succeeded and every gate passed
+  0  the audit succeeded and every gate passed (warn: rules never fail it)
   1  a gate failed (the report, JUnit and summary files are still written)
-  2  bad input or configuration: invalid flags or spec, malformed gate rule, missing
-     token or baseline file; server answers INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
-     FAILED_PRECONDITION, OUT_OF_RANGE, UNAUTHENTICATED, PERMISSION_DENIED,
-     UNIMPLEMENTED; a job that FAILED with one of those codes (e.g. an unreadable file)
+  2  bad input or configuration: invalid flags, spec or spec file, malformed gate rule,
+     missing token or baseline file; server answers INVALID_ARGUMENT, NOT_FOUND,
+     ALREADY_EXISTS, FAILED_PRECONDITION, OUT_OF_RANGE, UNAUTHENTICATED,
+     PERMISSION_DENIED, UNIMPLEMENTED; a job that FAILED with one of those codes (e.g. an
+     unreadable file)
   3  server unavailable or infrastructure failure: UNAVAILABLE, DEADLINE_EXCEEDED,
      RESOURCE_EXHAUSTED (queue full), INTERNAL, ABORTED, UNKNOWN, DATA_LOSS; a job that
      FAILED with one of those or was CANCELLED elsewhere; --wait-timeout expired
-  130 interrupted (Ctrl-C or SIGTERM); the running job is cancelled first"""
+  130 interrupted (Ctrl-C or SIGTERM); {interrupt}"""
+EXIT_CODES_HELP = _EXIT_CODES.format(interrupt="the running job is cancelled first")
+WATCH_EXIT_CODES_HELP = _EXIT_CODES.format(
+    interrupt="watching stops and the audit keeps running,\n"
+    "     unless --cancel-on-interrupt: then it is cancelled first"
+)
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+API_VERSION = spec_pb2.DESCRIPTOR.package  # "cnp.v1"
+# `--summary` without a file: GitHub Actions' job summary of the current step.
+STEP_SUMMARY = "$GITHUB_STEP_SUMMARY"
 
 
 class CliError(Exception):
@@ -95,31 +99,23 @@ def exit_code_for(code: Any) -> int:
     return EXIT_BAD_INPUT if name in BAD_INPUT_CODES else EXIT_UNAVAILABLE
 
 
+def version_text() -> str:
+    """``cnp 0.1.0 (API cnp.v1)``: the installed package and the API it speaks."""
+    try:
+        installed = metadata.version("cnp-audit")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        installed = "unknown"
+    return f"cnp {installed} (API {API_VERSION})"
+
+
 # --- arguments ---------------------------------------------------------------------------
 
 
-def _triple(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, got {text!r}") from None
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected integers (a comma list), got {text!r}"
-        ) from None
-
-
-def _absolute(path: str) -> str:
-    """Absolute, user-expanded; the server canonicalises and checks its allowed roots."""
-    return str(Path(path).expanduser().absolute()) if path else path
+def _tag(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +124,7 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
         "--server",
         default=os.environ.get("CNP_SERVER", DEFAULT_SERVER),
         metavar="HOST:PORT",
-        help="server address (default: $CNP_SERVER or %(default)s)",
+        help=f"server address (default: $CNP_SERVER, else {DEFAULT_SERVER})",
     )
     group.add_argument(
         "--token-file",
@@ -141,17 +137,29 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
         "--ca-cert",
         dest="tls_ca",
         metavar="F",
-        help="PEM root certificates of the server: connect with TLS",
+        help="PEM root certificates of the server: connect with TLS (default: plaintext)",
     )
     group.add_argument(
-        "--tls-cert", metavar="F", help="PEM client certificate, for a server that asks (mTLS)"
-    )
-    group.add_argument("--tls-key", metavar="F", help="PEM private key of --tls-cert")
-    group.add_argument(
-        "--timeout", type=float, default=30.0, metavar="S", help="deadline of each call (seconds)"
+        "--tls-cert",
+        metavar="F",
+        help="PEM client certificate, for a server that asks (mTLS) (default: none)",
     )
     group.add_argument(
-        "--retries", type=int, default=3, metavar="N", help="retries of a call on UNAVAILABLE"
+        "--tls-key", metavar="F", help="PEM private key of --tls-cert (default: none)"
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="deadline of each call, in seconds (default: %(default)g)",
+    )
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="retries of a call on UNAVAILABLE (default: %(default)s)",
     )
 
 
@@ -162,171 +170,105 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="RULE",
-        help="gate rule, e.g. 'max_ap_attribute<=0.8' (repeatable; grammar below)",
+        help="gate rule, e.g. 'max_ap_attribute<=0.8' or 'worst_group_accuracy.ci_low>=0.7'; "
+        "a violated rule exits 1 (repeatable; grammar below) (default: none)",
+    )
+    group.add_argument(
+        "--warn",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="a rule that is checked and reported (terminal, JUnit, summary) but never "
+        "fails: the same as --gate 'warn:RULE' (repeatable) (default: none)",
     )
     group.add_argument(
         "--baseline-report",
         metavar="F",
-        help="JSON report of a baseline model for 'baseline' rules",
+        help="JSON report of a baseline model for 'baseline' rules (default: none)",
     )
-    group.add_argument("--json", metavar="F", help="write the canonical JSON report")
-    group.add_argument("--junit", metavar="F", help="write JUnit XML, one test case per check")
-    group.add_argument("--summary", metavar="F", help="write a Markdown summary for CI pages")
-    group.add_argument("--quiet", action="store_true", help="do not print the tables to stdout")
-
-
-class SpecFlag(NamedTuple):
-    """A ``cnp audit`` flag and the spec field it sets (dotted, e.g. ``prune.rate``)."""
-
-    flag: str
-    field: str
-    options: dict[str, Any]  # argparse keywords: type, help, choices, metavar, action
-
-    @property
-    def dest(self) -> str:
-        return self.flag.removeprefix("--").replace("-", "_")
-
-
-def _flag(flag: str, field: str, **options: Any) -> SpecFlag:
-    return SpecFlag(flag, field, options)
-
-
-# Every AuditSpec field, and nothing else, has one flag here: both the parser and
-# spec_from_args read this table, so a new spec field needs only a new row.
-SPEC_FLAGS: tuple[SpecFlag, ...] = (
-    _flag(
-        "--model",
-        "model.architecture",
-        metavar="ARCH",
-        help="torchvision architecture, e.g. resnet18",
-    ),
-    _flag("--factory", "model.factory", metavar="MODULE:FUNCTION", help="importable model factory"),
-    _flag(
-        "--weights",
-        "model.weights",
-        type=_absolute,
-        metavar="FILE",
-        help=".safetensors or state_dict .pt/.pth",
-    ),
-    _flag("--num-classes", "model.num_classes", type=int, metavar="N"),
-    _flag(
-        "--dataset",
-        "dataset.root",
-        type=_absolute,
-        metavar="DIR",
-        help="directory with images and labels.csv",
-    ),
-    _flag("--input-size", "dataset.input_size", type=int, metavar="N"),
-    _flag("--mean", "dataset.mean", type=_triple, metavar="R,G,B"),
-    _flag("--std", "dataset.std", type=_triple, metavar="R,G,B"),
-    _flag(
-        "--max-pixels",
-        "dataset.max_pixels",
-        type=int,
-        metavar="N",
-        help="largest image read, in pixels (a decompression-bomb cap)",
-    ),
-    _flag(
-        "--layer",
-        "layers",
-        action="append",
-        metavar="NAME",
-        help="layer to audit, repeatable (default: the architecture's, e.g. resnet18 layer2 "
-        "below 128 px)",
-    ),
-    _flag(
-        "--attribute",
-        "attributes",
-        action="append",
-        metavar="NAME",
-        help="labels.csv column (repeatable)",
-    ),
-    _flag("--positive-class", "positive_class", type=int, metavar="C"),
-    _flag(
-        "--negative-class", "negative_class", type=int, metavar="C", help="-1: every other class"
-    ),
-    _flag("--method", "method", choices=CONCEPT_METHODS),
-    _flag(
-        "--subspaces",
-        "n_subspaces",
-        type=_int_list,
-        action="extend",
-        metavar="K",
-        help="numbers of subspaces to try, e.g. 4 or 2,4,8 (repeatable; chosen on validation)",
-    ),
-    _flag("--score", "score", choices=SCORES),
-    _flag("--composite", "composite", metavar="NAME"),
-    _flag("--flag-threshold", "flag_threshold", type=float, metavar="AP"),
-    _flag("--bootstrap", "bootstrap", type=int, metavar="N", help="resamples; 0 disables CIs"),
-    _flag("--min-group-size", "min_group_size", type=int, metavar="N"),
-    _flag("--positions-per-image", "positions_per_image", type=int, metavar="N"),
-    _flag("--fit-images", "fit_images", type=int, metavar="N"),
-    _flag("--drsa-restarts", "drsa_restarts", type=int, metavar="N"),
-    _flag("--drsa-max-epochs", "drsa_max_epochs", type=int, metavar="N"),
-    _flag("--heatmap-samples", "heatmap_samples", type=int, metavar="N", help="0: no heatmaps"),
-    _flag("--batch-size", "batch_size", type=int, metavar="N"),
-    _flag("--device", "device", metavar="cpu|cuda[:N]"),
-    _flag("--seed", "seed", type=int),
-    # --prune turns pruning on (and picks the method); the other prune.* flags need it.
-    _flag("--prune", "prune.method", choices=PRUNE_METHODS, help="prune after the audit"),
-    _flag(
-        "--prune-rate", "prune.rate", type=float, metavar="R", help="fraction of filters in (0, 1)"
-    ),
-    _flag("--prune-schedule", "prune.schedule", choices=SCHEDULES),
-    _flag("--prune-steps", "prune.steps", type=int, metavar="N"),
-    _flag("--finetune-epochs", "prune.finetune_epochs", type=int, metavar="N"),
-    _flag("--learning-rate", "prune.learning_rate", type=float, metavar="LR"),
-    _flag(
-        "--reference-per-class",
-        "prune.reference_per_class",
-        type=int,
-        metavar="N",
-        help="reference images per class for the filter scores",
-    ),
-    _flag("--prune-attribute", "prune.attribute", metavar="NAME", help="attribute to remove"),
-    _flag(
-        "--prune-scope",
-        "prune.scope",
-        choices=PRUNE_SCOPES,
-        help="'upstream' (default): only filters that feed the audited layer; 'all'",
-    ),
-    _flag("--relearn-subspaces", "prune.relearn_subspaces", action="store_true", default=None),
-    _flag(
-        "--keep-projection",
-        "prune.keep_projection",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="CNP: fold the projection into the returned model (default: yes)",
-    ),
-    _flag(
-        "--prune-composite",
-        "prune.composite",
-        metavar="NAME",
-        help="LRP rules of the filter scores",
-    ),
-)
-
-# Help groups by the first part of the field; top-level fields are the audit's.
-_GROUPS = {"model": "model", "dataset": "dataset", "": "audit", "prune": "pruning"}
-_ONE_OF = ("--model", "--factory")  # a model is an architecture or a factory
+    group.add_argument(
+        "--json",
+        metavar="F",
+        help="write the canonical JSON report to F; '-': to stdout, and everything else to "
+        "stderr (default: not written)",
+    )
+    group.add_argument(
+        "--junit",
+        metavar="F",
+        help="write JUnit XML, one test case per check (default: not written)",
+    )
+    group.add_argument(
+        "--summary",
+        nargs="?",
+        const=STEP_SUMMARY,
+        metavar="F",
+        help="write a Markdown summary for CI pages to F; without F, append it to "
+        "$GITHUB_STEP_SUMMARY (GitHub Actions' job summary), as is any F that names that "
+        "file (default: not written)",
+    )
+    group.add_argument(
+        "--quiet",
+        action="store_true",
+        help="do not print the tables (default: print them to stdout, or to stderr with --json -)",
+    )
 
 
 def _audit_options(parser: argparse.ArgumentParser) -> None:
-    groups = {part: parser.add_argument_group(title) for part, title in _GROUPS.items()}
-    one_of = groups["model"].add_mutually_exclusive_group()
-    for flag in SPEC_FLAGS:
-        group = one_of if flag.flag in _ONE_OF else groups[flag.field.rpartition(".")[0]]
-        group.add_argument(flag.flag, dest=flag.dest, **flag.options)
-
+    source = parser.add_argument_group("spec file")
+    source.add_argument(
+        "--spec",
+        metavar="FILE",
+        help="an audit spec in YAML or JSON, as `cnp spec` prints it ('-': stdin); the "
+        "flags given here override its values; relative paths in it are read from the "
+        "current directory, as the flags' are (default: the library defaults)",
+    )
+    source.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the spec, the gates and the files, print the request that would be "
+        "sent as JSON and exit 0, without contacting the server (default: off)",
+    )
+    groups = add_spec_flags(parser)
     prune = groups["prune"]
-    prune.add_argument("--download-model", metavar="F", help="save the pruned model here")
+    prune.add_argument(
+        "--download-model", metavar="F", help="save the pruned model here (default: not saved)"
+    )
+
+    tracking = parser.add_argument_group("MLflow (the server's tracking server)")
+    tracking.add_argument(
+        "--experiment",
+        metavar="NAME",
+        help="experiment of the job's run, created if missing (default: the server's)",
+    )
+    tracking.add_argument(
+        "--tag",
+        type=_tag,
+        action="append",
+        metavar="KEY=VALUE",
+        help="tag of the run, e.g. git_commit=$GITHUB_SHA (repeatable) (default: none)",
+    )
+    tracking.add_argument(
+        "--register-model",
+        metavar="NAME",
+        help="register the pruned model under NAME in the model registry (default: not registered)",
+    )
 
     job = parser.add_argument_group("job")
-    job.add_argument("--request-id", metavar="ID", help="idempotency key (default: a fresh one)")
     job.add_argument(
-        "--wait-timeout", type=float, metavar="S", help="cancel and exit 3 after this long"
+        "--request-id", metavar="ID", help="idempotency key (default: a fresh one per run)"
     )
-    job.add_argument("--no-progress", action="store_true", help="plain stage lines, no bar")
+    _follow_options(job, "cancel and exit 3 after this many seconds")
+
+
+def _follow_options(group: Any, timeout_help: str) -> None:
+    group.add_argument(
+        "--wait-timeout", type=float, metavar="S", help=f"{timeout_help} (default: no limit)"
+    )
+    group.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="plain stage lines, no bar (default: a bar on a terminal, lines otherwise)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,11 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=formatter,
     )
+    parser.add_argument(
+        "--version", action="version", version=version_text(), help="print the version and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     audit = commands.add_parser(
         "audit",
         help="submit an audit, wait, write reports, apply gates",
+        description="Submit an audit, follow it, write the reports and apply the gates. "
+        "The spec comes from --spec FILE (see `cnp spec`), the flags, or both.",
         epilog=f"{GRAMMAR}\n\n{EXIT_CODES_HELP}",
         formatter_class=formatter,
     )
@@ -349,39 +296,74 @@ def build_parser() -> argparse.ArgumentParser:
     _audit_options(audit)
     _output_options(audit)
 
+    spec = commands.add_parser(
+        "spec",
+        help="print the default audit spec, to edit and pass to `cnp audit --spec`",
+        description="Print the default audit spec (every field, the library's defaults): "
+        "`cnp spec > audit.yaml`, edit it, then `cnp audit --spec audit.yaml`.",
+        formatter_class=formatter,
+    )
+    spec.add_argument(
+        "--format",
+        choices=("yaml", "json"),
+        default="yaml",
+        help="output format (default: %(default)s)",
+    )
+    spec.add_argument(
+        "--prune",
+        action="store_true",
+        help="include the pruning section with its defaults (default: off: prune: null, "
+        "an audit only)",
+    )
+
     report = commands.add_parser(
         "report",
         help="fetch the report of a finished audit, write files, apply gates",
         epilog=f"{GRAMMAR}\n\n{EXIT_CODES_HELP}",
         formatter_class=formatter,
     )
-    report.add_argument("audit_id", metavar="ID")
+    report.add_argument("audit_id", metavar="ID", help="the audit's id (aud-...)")
     _connection_options(report)
     _output_options(report)
-    report.add_argument("--download-model", metavar="F", help="save the pruned model here")
+    report.add_argument(
+        "--download-model", metavar="F", help="save the pruned model here (default: not saved)"
+    )
 
     jobs = commands.add_parser(
         "jobs", help="list recent audits", epilog=EXIT_CODES_HELP, formatter_class=formatter
     )
     _connection_options(jobs)
-    jobs.add_argument("--limit", type=int, default=50, metavar="N")
-    jobs.add_argument("--json", action="store_true", help="one JSON object per line")
+    jobs.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="at most N jobs (default: %(default)s)"
+    )
+    jobs.add_argument(
+        "--json", action="store_true", help="one JSON object per line (default: a table)"
+    )
 
     watch = commands.add_parser(
         "watch",
-        help="follow an audit until it ends",
-        epilog=EXIT_CODES_HELP,
+        help="follow an audit until it ends (Ctrl-C stops watching; the audit keeps running)",
+        description="Follow an audit until it ends; exit as `cnp audit` would for its "
+        "outcome. Ctrl-C or SIGTERM stops watching and exits 130 (--wait-timeout: 3), and "
+        "the audit keeps running on the server, unless --cancel-on-interrupt.",
+        epilog=WATCH_EXIT_CODES_HELP,
         formatter_class=formatter,
     )
-    watch.add_argument("audit_id", metavar="ID")
+    watch.add_argument("audit_id", metavar="ID", help="the audit's id (aud-...)")
     _connection_options(watch)
-    watch.add_argument("--no-progress", action="store_true", help="plain stage lines, no bar")
-    watch.add_argument("--wait-timeout", type=float, metavar="S", help="exit 3 after this long")
+    group = watch.add_argument_group("job")
+    _follow_options(group, "stop watching and exit 3 after this many seconds")
+    group.add_argument(
+        "--cancel-on-interrupt",
+        action="store_true",
+        help="on Ctrl-C, SIGTERM or --wait-timeout cancel the audit too, as `cnp audit` "
+        "does (default: off: the audit keeps running)",
+    )
 
     cancel = commands.add_parser(
         "cancel", help="cancel an audit", epilog=EXIT_CODES_HELP, formatter_class=formatter
     )
-    cancel.add_argument("audit_id", metavar="ID")
+    cancel.add_argument("audit_id", metavar="ID", help="the audit's id (aud-...)")
     _connection_options(cancel)
 
     info = commands.add_parser(
@@ -391,60 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def spec_from_args(args: argparse.Namespace) -> AuditSpec:
-    """The AuditSpec the flags describe; unset flags keep the library's defaults."""
-    given: dict[str, dict[str, Any]] = {part: {} for part in _GROUPS}
-    pruning: list[str] = []
-    for flag in SPEC_FLAGS:
-        value = getattr(args, flag.dest)
-        if value is None:
-            continue
-        part, _, name = flag.field.rpartition(".")
-        given[part][name] = value
-        if part == "prune":
-            pruning.append(flag.flag)
-    if pruning and "method" not in given["prune"]:  # only --prune turns pruning on
-        raise CliError(
-            f"{', '.join(pruning)}: pruning flags need --prune {'|'.join(PRUNE_METHODS)}"
-        )
-    return AuditSpec(
-        model=ModelRef(**given["model"]),
-        dataset=DatasetRef(**given["dataset"]),
-        prune=PruneSpec(**given["prune"]) if given["prune"] else None,
-        **given[""],
-    )
-
-
-def spec_arguments(spec: AuditSpec, always: Collection[str] = ()) -> list[str]:
-    """The flags that ask for ``spec`` (the inverse of :func:`spec_from_args`): every
-    field that differs from the library's default, and the fields in ``always``."""
-    defaults = dataclasses.replace(AuditSpec(), prune=PruneSpec())
-    args: list[str] = []
-    for flag in SPEC_FLAGS:
-        if flag.field.startswith("prune.") and spec.prune is None:
-            continue
-        value = _field(spec, flag.field)
-        if flag.field not in always and value == _field(defaults, flag.field):
-            continue
-        action = flag.options.get("action")
-        if action == "store_true":
-            args += [flag.flag] if value else []
-        elif action is argparse.BooleanOptionalAction:
-            args += [flag.flag if value else "--no-" + flag.flag.removeprefix("--")]
-        elif action == "append":
-            for item in value:
-                args += [flag.flag, str(item)]
-        elif isinstance(value, (list, tuple)):
-            args += [flag.flag, ",".join(str(v) for v in value)]
-        else:
-            args += [flag.flag, str(value)]
-    return args
-
-
-def _field(spec: AuditSpec, dotted: str) -> Any:
-    for part in dotted.split("."):
-        spec = getattr(spec, part)
-    return spec
+def _tracking(args: argparse.Namespace) -> dict[str, Any]:
+    """The MLflow options given (as AuditClient.submit takes them); a repeated tag key is
+    a mistake, not an override."""
+    tags: dict[str, str] = {}
+    for key, value in args.tag or []:
+        if key in tags:
+            raise CliError(f"--tag {key}: given twice")
+        tags[key] = value
+    options = {"experiment": args.experiment, "tags": tags, "register_model": args.register_model}
+    return {key: value for key, value in options.items() if value}
 
 
 # --- gates and outputs -------------------------------------------------------------------
@@ -460,7 +398,8 @@ class Gating:
 
 def _prepare_gates(args: argparse.Namespace, spec: AuditSpec | None = None) -> Gating:
     try:
-        rules = parse_rules(args.gate)
+        rules = [parse_rule(text) for text in args.gate]
+        rules += [parse_rule(text, WARN) for text in args.warn]
     except GateError as err:
         raise CliError(str(err)) from None
     baseline = None
@@ -480,6 +419,36 @@ def _prepare_gates(args: argparse.Namespace, spec: AuditSpec | None = None) -> G
     return Gating(rules, baseline)
 
 
+def _summary_target(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """Where the Markdown summary goes, and whether it is appended: GitHub Actions reads a
+    step's summary from $GITHUB_STEP_SUMMARY, which other commands of the step append to."""
+    if args.summary is None:
+        return None, False
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY", "")
+    if args.summary == STEP_SUMMARY:
+        if not step_summary:
+            raise CliError(
+                "--summary without a file appends to $GITHUB_STEP_SUMMARY, which is not set "
+                "(outside GitHub Actions): give a file, --summary F"
+            )
+        return Path(step_summary), True
+    path = Path(args.summary).expanduser()
+    return path, bool(step_summary) and path.resolve() == Path(step_summary).resolve()
+
+
+def _write_summary(args: argparse.Namespace, markdown: str) -> None:
+    path, append = _summary_target(args)
+    if path is None:
+        return
+    if not append:
+        reports.write_text(path, markdown)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    separator = "\n" if path.is_file() and path.stat().st_size else ""
+    with path.open("a", encoding="utf-8") as handle:  # never truncate: others wrote there
+        handle.write(separator + markdown)
+
+
 def _finish(args: argparse.Namespace, client: AuditClient, audit_id: str, gating: Gating) -> int:
     """Fetch the report, write every requested file, apply the gates: the exit code."""
     view = client.report(audit_id)
@@ -488,18 +457,30 @@ def _finish(args: argparse.Namespace, client: AuditClient, audit_id: str, gating
         checks = evaluate(gating.rules, report, gating.baseline)
     except GateError as err:
         raise CliError(str(err)) from None
-    if args.json:
+    # With --json -, stdout carries the report alone: everything for people goes to stderr.
+    human = sys.stderr if args.json == "-" else sys.stdout
+    if args.json == "-":
+        sys.stdout.write(view.to_json().rstrip("\n") + "\n")
+        sys.stdout.flush()
+    elif args.json:
         reports.write_text(args.json, view.to_json())
     if args.junit:
         reports.write_text(args.junit, reports.junit_xml(checks, audit_id=audit_id))
-    if args.summary:
-        reports.write_text(args.summary, reports.markdown_summary(report, checks))
+    _write_summary(args, reports.markdown_summary(report, checks))
     if getattr(args, "download_model", None):
         _download_model(client, audit_id, args.download_model)
     if not args.quiet:
-        sys.stdout.write(reports.text_summary(report, checks))
-        sys.stdout.flush()
+        human.write(reports.text_summary(report, checks))
+        human.flush()
+    _print_warnings(checks)
     return EXIT_PASS if all_passed(checks) else EXIT_GATE_FAILED
+
+
+def _print_warnings(checks: Sequence[Check]) -> None:
+    """Warn rules that did not hold, on stderr: seen in a CI log, never failing the job."""
+    for check in checks:
+        if check.warned:
+            print(f"cnp: warning: {check.name}: {check.message}", file=sys.stderr)
 
 
 def _download_model(client: AuditClient, audit_id: str, path: str) -> None:
@@ -570,7 +551,8 @@ def _stream(watch: Callable[[], Iterator[Progress]], items: queue.Queue) -> None
 
 
 def _follow(client: AuditClient, audit_id: str, *, plain: bool, wait_timeout: float | None) -> Job:
-    """Show progress until the job ends; return its final Job. Times out with exit 3."""
+    """Show progress until the job ends; return its final Job. Raises _WaitExpired when
+    ``wait_timeout`` passes first."""
     deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
     items: queue.Queue = queue.Queue()
     threading.Thread(
@@ -581,7 +563,7 @@ def _follow(client: AuditClient, audit_id: str, *, plain: bool, wait_timeout: fl
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise _gave_up(client, audit_id, wait_timeout)
+                raise _WaitExpired
             try:
                 item = items.get(timeout=0.2 if remaining is None else min(0.2, remaining))
             except queue.Empty:
@@ -597,17 +579,15 @@ def _follow(client: AuditClient, audit_id: str, *, plain: bool, wait_timeout: fl
                 except ServiceError as err:
                     if err.code != "DEADLINE_EXCEEDED" or wait_timeout is None:
                         raise
-                    raise _gave_up(client, audit_id, wait_timeout) from None
+                    raise _WaitExpired from None
             display.update(item.stage, item.progress, item.message, item.state)
     finally:
         display.close()
     return client.get(audit_id)
 
 
-def _gave_up(client: AuditClient, audit_id: str, wait_timeout: float) -> CliError:
-    _cancel_quietly(client, audit_id)
-    message = f"audit {audit_id} did not finish within --wait-timeout {wait_timeout:g} s; cancelled"
-    return CliError(message, EXIT_UNAVAILABLE)
+class _WaitExpired(Exception):
+    """--wait-timeout passed before the job ended."""
 
 
 def _cancel_quietly(client: AuditClient, audit_id: str) -> None:
@@ -626,6 +606,32 @@ def _raise_unless_succeeded(job: Job) -> None:
         raise CliError(f"audit {job.id} was cancelled{why}", EXIT_UNAVAILABLE)
     code = job.error_code or "UNKNOWN"
     raise CliError(f"audit {job.id} {job.state} ({code}): {job.error_message}", exit_code_for(code))
+
+
+def _follow_or_stop(
+    client: AuditClient, audit_id: str, args: argparse.Namespace, *, cancel: bool
+) -> Job:
+    """:func:`_follow`; on Ctrl-C, SIGTERM or --wait-timeout cancel the job when ``cancel``
+    (else leave it running, and say so), then exit 130, or 3 for the timeout."""
+    try:
+        return _follow(client, audit_id, plain=args.no_progress, wait_timeout=args.wait_timeout)
+    except KeyboardInterrupt:
+        if cancel:
+            print(f"\ncnp: interrupted; cancelling audit {audit_id}", file=sys.stderr)
+            _cancel_quietly(client, audit_id)
+        else:
+            print(f"\ncnp: interrupted; {_still_running(audit_id)}", file=sys.stderr)
+        raise
+    except _WaitExpired:
+        if cancel:
+            _cancel_quietly(client, audit_id)
+        outcome = "cancelled" if cancel else _still_running(audit_id)
+        message = f"audit {audit_id} did not finish within --wait-timeout {args.wait_timeout:g} s"
+        raise CliError(f"{message}; {outcome}", EXIT_UNAVAILABLE) from None
+
+
+def _still_running(audit_id: str) -> str:
+    return f"audit {audit_id} keeps running (`cnp cancel {audit_id}` stops it)"
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -674,34 +680,39 @@ def cmd_audit(args: argparse.Namespace) -> int:
     except CnpError as err:
         raise CliError(str(err)) from None
     gating = _prepare_gates(args, spec)
+    _summary_target(args)  # a bare --summary outside GitHub Actions fails before any call
     if args.download_model and spec.prune is None:
         raise CliError("--download-model needs --prune cnp|lrp")
+    tracking = _tracking(args)
+    if args.dry_run:
+        request = calls.create_request(spec, args.request_id, **tracking)
+        message = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        print(json.dumps(message, indent=2))
+        return EXIT_PASS
     client = _client(args)
-    job = client.submit(spec, request_id=args.request_id or uuid.uuid4().hex)
+    job = client.submit(spec, request_id=args.request_id or uuid.uuid4().hex, **tracking)
     audit_id = job.id
     print(f"cnp: audit {audit_id} submitted to {args.server}", file=sys.stderr)
-    try:
-        job = _follow(client, audit_id, plain=args.no_progress, wait_timeout=args.wait_timeout)
-    except KeyboardInterrupt:
-        print(f"\ncnp: interrupted; cancelling audit {audit_id}", file=sys.stderr)
-        _cancel_quietly(client, audit_id)
-        return EXIT_INTERRUPTED
+    job = _follow_or_stop(client, audit_id, args, cancel=True)
     _raise_unless_succeeded(job)
     return _finish(args, client, audit_id, gating)
 
 
+def cmd_spec(args: argparse.Namespace) -> int:
+    sys.stdout.write(default_spec_text(args.format, prune=args.prune))
+    return EXIT_PASS
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     gating = _prepare_gates(args)
+    _summary_target(args)
     client = _client(args)
     return _finish(args, client, args.audit_id, gating)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
     client = _client(args)
-    try:
-        job = _follow(client, args.audit_id, plain=args.no_progress, wait_timeout=args.wait_timeout)
-    except KeyboardInterrupt:  # watching only: leave the job running
-        return EXIT_INTERRUPTED
+    job = _follow_or_stop(client, args.audit_id, args, cancel=args.cancel_on_interrupt)
     _raise_unless_succeeded(job)
     print(f"audit {args.audit_id} SUCCEEDED")
     return EXIT_PASS
@@ -764,6 +775,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "audit": cmd_audit,
+    "spec": cmd_spec,
     "report": cmd_report,
     "jobs": cmd_jobs,
     "watch": cmd_watch,
@@ -786,6 +798,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"cnp: error: {err}", file=sys.stderr)
         return err.exit_code
+    except SpecError as err:
+        print(f"cnp: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except ServiceError as err:

@@ -1,13 +1,18 @@
 """CI gates: rules over the canonical JSON report, in the spirit of MLflow's metric thresholds.
 
 A gate is an absolute limit (``worst_group_accuracy>=0.7``) or a "no worse than a baseline"
-limit (``worst_group_accuracy>=baseline-0.02``, the baseline being a previous JSON report).
-Everything here is a pure function of report dicts, so gates are testable without a server.
-The grammar is :data:`GRAMMAR`; a rule that does not follow it raises :class:`GateError`.
+limit (``worst_group_accuracy>=baseline-0.02``, the baseline being a previous JSON report),
+on a metric's estimate or on a bound of its bootstrap interval
+(``worst_group_accuracy.ci_low>=0.7``). A ``warn:`` rule is checked and reported like any
+other but never fails the gate. Everything here is a pure function of report dicts, so gates
+are testable without a server. The grammar is :data:`GRAMMAR`; a rule that does not follow
+it raises :class:`GateError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import operator
 import re
@@ -30,25 +35,38 @@ METRIC_FIELDS = ("balanced_accuracy", "worst_group_accuracy")  # Metric messages
 SCALAR_FIELDS = ("parameters", "flops", "latency_ms")  # plain numbers
 EVALUATION_METRICS = METRIC_FIELDS + SCALAR_FIELDS
 SCOPES = ("before", "after")
+# Which number of a Metric message a rule reads: the estimate or a bound of its 95 %
+# bootstrap interval (both equal the estimate when the audit ran without bootstrap).
+BOUNDS = ("value", "ci_low", "ci_high")
+# "gate": a violated rule fails the gate; "warn": it is reported and never fails it.
+GATE, WARN = "gate", "warn"
+WARN_PREFIX = "warn:"
 
 GRAMMAR = """\
 gate rule grammar (spaces are ignored):
-  RULE      := [SCOPE "."] METRIC OP REFERENCE
+  RULE      := ["warn:"] [SCOPE "."] METRIC ["." BOUND] OP REFERENCE
+  warn:                     report the rule, never fail on it (the same as --warn RULE)
   SCOPE     := before | after       (evaluation metrics only; default: after when the
                                       audit pruned, else before)
+  BOUND     := value | ci_low | ci_high   (AP and accuracy metrics; default value, the
+                                      estimate; ci_low/ci_high: its 95 % bootstrap interval)
   OP        := <= | >= | < | >      (flagged takes == or != with none)
   REFERENCE := NUMBER
-             | baseline [(+|-|*) NUMBER]   the same metric in --baseline-report
-             | before [(+|-|*) NUMBER]     the same metric before pruning (after.* rules)
+             | baseline [(+|-|*) NUMBER]   the same metric and bound in --baseline-report
+             | before [(+|-|*) NUMBER]     the same metric and bound before pruning
+                                           (after.* rules)
 metrics checked once per audited attribute value:
-  max_ap_attribute, max_ap_attribute_pos, max_ap_attribute_neg   (highest AP over subspaces)
+  max_ap_attribute, max_ap_attribute_pos, max_ap_attribute_neg   (highest AP, or highest
+                                      bound, over the subspaces)
   flagged                                                        (flagged==none, flagged!=none)
 metrics of the evaluated model:
   balanced_accuracy, worst_group_accuracy, parameters, flops, latency_ms
 examples:
   max_ap_attribute<=0.8   flagged==none   worst_group_accuracy>=0.7
+  max_ap_attribute.ci_high<=0.8   (no subspace reaches 0.8, even at its interval's top)
+  max_ap_attribute.ci_low>=0.9    (a subspace reaches 0.9 even at its interval's bottom)
   after.balanced_accuracy>=before-0.02   worst_group_accuracy>=baseline-0.02
-  after.parameters<=baseline*0.8"""
+  after.parameters<=baseline*0.8   warn:worst_group_accuracy.ci_low>=0.7"""
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -57,9 +75,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
 }
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_RULE = re.compile(
-    r"^(?:(?P<scope>[a-z]+)\.)?(?P<metric>[a-z_]+)(?P<op><=|>=|==|!=|<|>)(?P<ref>.*)$"
-)
+_RULE = re.compile(r"^(?P<left>[a-z_]+(?:\.[a-z_]+){0,2})(?P<op><=|>=|==|!=|<|>)(?P<ref>.*)$")
 _RELATIVE = re.compile(rf"^(?P<base>baseline|before)(?:(?P<how>[-+*])(?P<amount>{_NUMBER}))?$")
 
 
@@ -99,6 +115,8 @@ class Rule:
     op: str
     reference: Reference
     scope: str = ""  # "" (after when present, else before) | "before" | "after"
+    bound: str = "value"  # which number of the metric: "value" | "ci_low" | "ci_high"
+    level: str = GATE  # GATE: a violation fails the gate; WARN: it is only reported
 
     @property
     def is_audit_rule(self) -> bool:
@@ -120,40 +138,81 @@ class Check:
     """The outcome of one rule on one attribute value (or on the whole report)."""
 
     name: str
-    passed: bool
+    passed: bool  # the rule held
     observed: float | str | None
     threshold: float | str | None
     message: str
+    level: str = GATE  # the rule's level: a WARN check never fails the gate
+
+    @property
+    def failed(self) -> bool:
+        """A gate rule that did not hold: the gate fails."""
+        return not self.passed and self.level == GATE
+
+    @property
+    def warned(self) -> bool:
+        """A warn rule that did not hold: reported, the gate still passes."""
+        return not self.passed and self.level == WARN
 
 
-def parse_rule(text: str) -> Rule:
-    """Parse one rule of :data:`GRAMMAR`; raise :class:`GateError` saying what is accepted."""
+_KNOWN = (*AUDIT_METRICS, FLAGGED, *EVALUATION_METRICS)
+_WITH_INTERVALS = (*AUDIT_METRICS, *METRIC_FIELDS)  # metrics held in Metric messages
+
+
+def _split_target(left: str) -> tuple[str, str, str]:
+    """``[scope.]metric[.bound]`` -> (scope, metric, bound); the parts are checked later."""
+    parts = left.split(".")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    if len(parts) == 2:
+        if parts[0] in SCOPES or parts[1] in _KNOWN:
+            return parts[0], parts[1], ""
+        return "", parts[0], parts[1]
+    return "", parts[0], ""
+
+
+def parse_rule(text: str, level: str = GATE) -> Rule:
+    """Parse one rule of :data:`GRAMMAR`; raise :class:`GateError` saying what is accepted.
+
+    ``level`` WARN (or a ``warn:`` prefix) makes the rule one that is reported only.
+    """
     compact = "".join(text.split())
+    if compact.startswith(WARN_PREFIX):
+        compact, level = compact.removeprefix(WARN_PREFIX), WARN
     match = _RULE.match(compact)
     if not match:
         raise GateError(f"malformed gate rule {text!r}\n{GRAMMAR}")
-    scope, metric, op, ref = match["scope"] or "", match["metric"], match["op"], match["ref"]
+    scope, metric, bound = _split_target(match["left"])
+    op, ref = match["op"], match["ref"]
+    name = f"{WARN_PREFIX}{compact}" if level == WARN else compact
 
     def fail(why: str) -> GateError:
         return GateError(f"gate rule {text!r}: {why}\n{GRAMMAR}")
 
+    def rule(reference: Reference) -> Rule:
+        return Rule(name, metric, op, reference, scope, bound or "value", level)
+
     if not ref:
         raise fail(f"nothing after {op!r}: give a number, none, baseline or before")
-    known = (*AUDIT_METRICS, FLAGGED, *EVALUATION_METRICS)
-    if metric not in known:
-        raise fail(f"unknown metric {metric!r}")
+    if metric not in _KNOWN:
+        close = difflib.get_close_matches(metric, _KNOWN, n=1)
+        raise fail(f"unknown metric {metric!r}" + (f" (did you mean {close[0]}?)" if close else ""))
     if scope and scope not in SCOPES:
         raise fail(f"unknown scope {scope!r}: use before. or after.")
     if scope and metric not in EVALUATION_METRICS:
         raise fail(f"{metric} is an audit metric; before./after. apply to evaluation metrics")
+    if bound and metric not in _WITH_INTERVALS:
+        raise fail(f"{metric} has no interval; .{bound} applies to AP and accuracy metrics")
+    if bound and bound not in BOUNDS:
+        raise fail(f"unknown bound {bound!r}: use .value, .ci_low or .ci_high")
     if metric == FLAGGED:
         if op not in ("==", "!=") or ref != "none":
             raise fail("flagged takes ==none or !=none")
-        return Rule(compact, metric, op, Reference("none"), scope)
+        return rule(Reference("none"))
     if op not in _OPS:
         raise fail(f"{metric} takes one of {' '.join(_OPS)}")
     if re.fullmatch(_NUMBER, ref):
-        return Rule(compact, metric, op, Reference("number", float(ref)), scope)
+        return rule(Reference("number", float(ref)))
     relative = _RELATIVE.match(ref)
     if not relative:
         raise fail(f"cannot read the reference {ref!r}")
@@ -161,7 +220,7 @@ def parse_rule(text: str) -> Rule:
     if kind == "before" and (scope != "after" or metric not in EVALUATION_METRICS):
         raise fail("'before' is a reference only for after.<metric> rules")
     amount = float(relative["amount"]) if relative["amount"] else 0.0
-    return Rule(compact, metric, op, Reference(kind, amount, relative["how"] or ""), scope)
+    return rule(Reference(kind, amount, relative["how"] or ""))
 
 
 def parse_rules(texts: Iterable[str]) -> list[Rule]:
@@ -183,14 +242,16 @@ def evaluate(
                 f"gate rule {rule.text!r} compares with a baseline: give a baseline report"
             )
         if rule.is_audit_rule:
-            checks.extend(_audit_checks(rule, report, baseline))
+            outcomes = _audit_checks(rule, report, baseline)
         else:
-            checks.append(_evaluation_check(rule, report, baseline))
+            outcomes = [_evaluation_check(rule, report, baseline)]
+        checks.extend(dataclasses.replace(check, level=rule.level) for check in outcomes)
     return checks
 
 
 def all_passed(checks: Iterable[Check]) -> bool:
-    return all(check.passed for check in checks)
+    """True when no gate rule failed; warn rules that did not hold do not count."""
+    return not any(check.failed for check in checks)
 
 
 # --- audit rules -------------------------------------------------------------------------
@@ -220,7 +281,7 @@ def _audit_checks(rule: Rule, report: Report, baseline: Report | None) -> list[C
         if rule.metric == FLAGGED:
             checks.append(_flagged_check(rule, name, where, audit))
             continue
-        observed = _max_ap(audit, AUDIT_METRICS[rule.metric])
+        observed = _max_ap(audit, AUDIT_METRICS[rule.metric], rule.bound)
         base = None
         if rule.needs_baseline:
             counterpart = baseline_audits.get(_audit_key(audit))
@@ -235,13 +296,15 @@ def _audit_checks(rule: Rule, report: Report, baseline: Report | None) -> list[C
                     )
                 )
                 continue
-            base = _max_ap(counterpart, AUDIT_METRICS[rule.metric])
-        checks.append(_compare(rule, name, f"{where}: {rule.metric}", observed, base))
+            base = _max_ap(counterpart, AUDIT_METRICS[rule.metric], rule.bound)
+        checks.append(_compare(rule, name, f"{where}: {_target(rule)}", observed, base))
     return checks
 
 
-def _max_ap(audit: Report, score: str) -> float | None:
-    values = [metric_value(s.get(score)) for s in audit.get("subspaces") or []]
+def _max_ap(audit: Report, score: str, bound: str = "value") -> float | None:
+    """The highest value (or bound) of ``score`` over the subspaces: for ci_high, whether
+    any subspace could plausibly reach a limit; for ci_low, whether one surely does."""
+    values = [metric_value(s.get(score), bound) for s in audit.get("subspaces") or []]
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return max(finite) if finite else None
 
@@ -276,9 +339,9 @@ def _evaluation(report: Report, scope: str) -> tuple[str, Report | None]:
     return scope, report.get(scope) or None
 
 
-def _evaluation_value(evaluation: Report, metric: str) -> float | None:
+def _evaluation_value(evaluation: Report, metric: str, bound: str = "value") -> float | None:
     if metric in METRIC_FIELDS:
-        return metric_value(evaluation.get(metric))
+        return metric_value(evaluation.get(metric), bound)
     # proto3 JSON omits zero scalars (and writes int64 as strings).
     return as_number(evaluation.get(metric, 0))
 
@@ -290,18 +353,23 @@ def _evaluation_check(rule: Rule, report: Report, baseline: Report | None) -> Ch
         return Check(
             rule.text, False, None, _threshold_label(rule), f"no '{scope}' evaluation: {why}"
         )
-    observed = _evaluation_value(evaluation, rule.metric)
+    observed = _evaluation_value(evaluation, rule.metric, rule.bound)
     base = None
     if rule.reference.kind == "before":
         before = report.get("before") or {}
-        base = _evaluation_value(before, rule.metric) if before else None
+        base = _evaluation_value(before, rule.metric, rule.bound) if before else None
     elif rule.needs_baseline:
         base_scope, base_evaluation = _evaluation(baseline or {}, rule.scope)
         if base_evaluation is None:
             message = f"the baseline report has no '{base_scope}' evaluation"
             return Check(rule.text, False, observed, None, message)
-        base = _evaluation_value(base_evaluation, rule.metric)
-    return _compare(rule, rule.text, f"{scope}.{rule.metric}", observed, base)
+        base = _evaluation_value(base_evaluation, rule.metric, rule.bound)
+    return _compare(rule, rule.text, f"{scope}.{_target(rule)}", observed, base)
+
+
+def _target(rule: Rule) -> str:
+    """The metric as messages name it: ``worst_group_accuracy.ci_low``."""
+    return rule.metric if rule.bound == "value" else f"{rule.metric}.{rule.bound}"
 
 
 # --- shared ------------------------------------------------------------------------------
@@ -342,14 +410,15 @@ def as_number(value: Any) -> float | None:
         return None
 
 
-def metric_value(metric: Mapping[str, Any] | None) -> float | None:
-    """The value of a Metric message; None when the message is absent (not measured).
+def metric_value(metric: Mapping[str, Any] | None, bound: str = "value") -> float | None:
+    """The value (or ``bound``: ci_low, ci_high) of a Metric message; None when the message
+    is absent (not measured).
 
     proto3 JSON omits zero fields, so a present message without "value" holds 0.0.
     """
     if metric is None:
         return None
-    return as_number(metric.get("value", 0))
+    return as_number(metric.get(bound, 0))
 
 
 def _fmt(value: float | None) -> str:

@@ -2,8 +2,9 @@
 
 Every function reads the report as the dict of its canonical JSON (the proto JSON mapping,
 field names preserved), so reports from a file and from the server render the same way.
-Its strings (attribute names and values, layer names, gate names) are untrusted: each
-format escapes them with :mod:`cnp_core.safe_text`.
+Its strings (attribute names and values, layer names, class names, gate names) are
+untrusted: each format escapes them with :mod:`cnp_core.safe_text`. A class with a name
+shows as ``ring (3)``, one without as ``class 3``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cnp_core.results import AP_COLUMNS
+from cnp_core.results import AP_COLUMNS, class_label, class_name
 from cnp_core.safe_text import md_code, md_text, visible
 
 from .gates import Check, as_number, metric_value
@@ -34,11 +35,13 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def junit_xml(checks: Sequence[Check], *, audit_id: str = "", suite: str = "cnp.gates") -> str:
-    """A JUnit XML document: one test case per gated check, failures carry the message."""
-    failures = sum(not check.passed for check in checks)
+    """A JUnit XML document: one test case per gated check, failures carry the message; a
+    warn rule that did not hold is a skipped case (CI shows it, and does not fail on it)."""
+    failures = sum(check.failed for check in checks)
     counts = {"tests": str(len(checks)), "failures": str(failures), "errors": "0"}
     root = ET.Element("testsuites", {"name": "cnp", **counts})
-    suite_el = ET.SubElement(root, "testsuite", {"name": suite, **counts, "skipped": "0"})
+    skipped = str(sum(check.warned for check in checks))
+    suite_el = ET.SubElement(root, "testsuite", {"name": suite, **counts, "skipped": skipped})
     if audit_id:
         properties = ET.SubElement(suite_el, "properties")
         ET.SubElement(properties, "property", {"name": "audit_id", "value": visible(audit_id)})
@@ -50,6 +53,9 @@ def junit_xml(checks: Sequence[Check], *, audit_id: str = "", suite: str = "cnp.
         detail = f"observed: {observed}\nthreshold: {threshold}"
         if check.passed:
             ET.SubElement(case, "system-out").text = f"{message}\n{detail}"
+        elif check.warned:
+            warning = ET.SubElement(case, "skipped", {"message": f"warning: {message}"})
+            warning.text = detail
         else:
             failure = ET.SubElement(case, "failure", {"message": message, "type": "GateFailed"})
             failure.text = detail
@@ -67,6 +73,8 @@ def markdown_summary(report: Report, checks: Sequence[Check] | None = None) -> s
     identity = [f"{label} {md_code(report[key])}" for label, key in digests if report.get(key)]
     if identity:
         lines += [" · ".join(identity), ""]
+    if _classes(report):
+        lines += [f"Classes: {md_text(_classes(report))}.", ""]
     if _pruning(report):
         lines += [f"Pruning: {md_text(_pruning(report))}.", ""]
     if checks:
@@ -77,7 +85,7 @@ def markdown_summary(report: Report, checks: Sequence[Check] | None = None) -> s
             "|---|---|---|---|---|",
         ]
         for check in checks:
-            mark = "✅" if check.passed else "❌"
+            mark = "✅" if check.passed else "⚠️" if check.warned else "❌"
             cells = [mark, md_code(check.name), md_text(_plain(check.observed))]
             cells += [md_text(_plain(check.threshold)), md_text(check.message)]
             lines.append(_md_row(cells))
@@ -173,6 +181,8 @@ def text_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
     """The same content as the Markdown summary, as aligned plain text for a terminal."""
     report = _printable(report)
     lines = [f"audit {report.get('audit_id', '?')}{_verdict(checks)}"]
+    if _classes(report):
+        lines.append(f"classes: {_classes(report)}")
     if _pruning(report):
         lines.append(f"pruning: {_pruning(report)}")
     for audit in report.get("attributes") or []:
@@ -218,12 +228,7 @@ def text_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
     if checks:
         passed = sum(check.passed for check in checks)
         lines += ["", f"gates: {passed}/{len(checks)} passed"]
-        lines += align(
-            [
-                ["  PASS" if c.passed else "  FAIL", visible(c.name), visible(c.message)]
-                for c in checks
-            ]
-        )
+        lines += align([[f"  {_outcome(c)}", visible(c.name), visible(c.message)] for c in checks])
     return "\n".join(lines) + "\n"
 
 
@@ -233,12 +238,17 @@ def text_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
 def _verdict(checks: Sequence[Check] | None) -> str:
     if not checks:
         return ""
-    failed = sum(not check.passed for check in checks)
+    failed, warned = sum(c.failed for c in checks), sum(c.warned for c in checks)
+    warnings = f", {warned} warning{'s' if warned > 1 else ''}" if warned else ""
     return (
-        f": FAILED ({failed} of {len(checks)} gates)"
+        f": FAILED ({failed} of {len(checks)} gates{warnings})"
         if failed
-        else f": PASSED ({len(checks)} gates)"
+        else f": PASSED ({len(checks)} gates{warnings})"
     )
+
+
+def _outcome(check: Check) -> str:
+    return "PASS" if check.passed else "WARN" if check.warned else "FAIL"
 
 
 def _pruning(report: Report) -> str:
@@ -258,6 +268,21 @@ def _pruning(report: Report) -> str:
     return text + " removed"
 
 
+def _classes(report: Report) -> str:
+    """ "ring (3) vs every other class" for a model with class names, else "" (reports of
+    index-labelled models read as before)."""
+    names = [str(name) for name in report.get("class_names") or []]
+    if not names:
+        return ""
+    spec = report.get("spec") or {}
+
+    def shown(key: str, default: int) -> str:  # an absent index is the library default
+        label = int(as_number(spec.get(key, default)) or 0)
+        return class_label(label, class_name(names, label)) if label >= 0 else "every other class"
+
+    return f"{shown('positive_class', 1)} vs {shown('negative_class', -1)}"
+
+
 def _flagged(audit: Report) -> int:
     # proto3 JSON omits a zero int32: a missing flagged_subspace is subspace 0.
     return int(as_number(audit.get("flagged_subspace", 0)) or 0)
@@ -268,12 +293,14 @@ def _index(subspace: Report, position: int) -> int:
 
 
 def _paired_groups(before: Report, after: Report) -> dict[str, tuple[Report | None, Report | None]]:
-    """Groups keyed by "class L, attribute=value", matching before and after."""
+    """Groups keyed by "class L, attribute=value" (or "name (L), ..."), matching before
+    and after."""
     paired: dict[str, list[Report | None]] = {}
     for slot, evaluation in enumerate((before, after)):
         for group in evaluation.get("groups") or []:
             label = int(as_number(group.get("label", 0)) or 0)
-            key = f"class {label}, {group.get('attribute', '?')}={group.get('value', '?')}"
+            shown = class_label(label, str(group.get("label_name") or ""))
+            key = f"{shown}, {group.get('attribute', '?')}={group.get('value', '?')}"
             paired.setdefault(key, [None, None])[slot] = group
     return {key: (pair[0], pair[1]) for key, pair in paired.items()}
 

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import socket
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import grpc
 import pytest
+from test_layering import spec_fields  # the spec's dotted field names
 
+from cnp.v1 import spec_pb2
 from cnp_client.cli import (
     BAD_INPUT_CODES,
     EXIT_BAD_INPUT,
     EXIT_UNAVAILABLE,
-    CliError,
     _Display,
     build_parser,
     exit_code_for,
     main,
-    spec_from_args,
 )
+from cnp_client.spec_flags import SPEC_FLAGS, SpecError, spec_from_args
 from cnp_core.spec import AuditSpec, PruneSpec
 
 BASE = [
@@ -87,7 +90,7 @@ def test_flags_for_image_cap_reference_set_and_pruning_rules():
     [["--reference-per-class", "8"], ["--prune-steps", "2", "--prune-composite", "epsilon"]],
 )
 def test_every_pruning_flag_needs_prune(flags):
-    with pytest.raises(CliError, match=f"{', '.join(flags[::2])}: pruning flags need --prune"):
+    with pytest.raises(SpecError, match=f"{', '.join(flags[::2])}: pruning flags need --prune"):
         parse_spec(*flags)
 
 
@@ -138,7 +141,7 @@ def assert_no_connection(server: socket.socket) -> None:
         (["--positive-class", "5"], "positive_class 5 is not a class"),
         (["--prune", "cnp", "--prune-rate", "1.5"], "prune.rate must lie strictly between 0 and 1"),
         (["--prune-rate", "0.2"], "need --prune"),
-        (["--gate", "max_ap_attribute<=high"], "RULE      := [SCOPE"),
+        (["--gate", "max_ap_attribute<=high"], 'RULE      := ["warn:"] [SCOPE'),
         (["--gate", "worst_group_accuracy>=baseline-0.02"], "add --baseline-report"),
         (["--gate", "after.balanced_accuracy>=0.9"], "add --prune"),
         (["--download-model", "m.safetensors"], "--download-model needs --prune"),
@@ -231,3 +234,110 @@ def test_cli_runs_without_torch_or_numpy():
     )
     assert result.returncode == EXIT_BAD_INPUT, result.stderr
     assert "positive_class 3 is not a class of a 2-class model" in result.stderr
+
+
+# --- version, help, and the flag table ------------------------------------------------------
+
+
+def test_version_names_the_package_and_the_api(capsys):
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"cnp {metadata.version('cnp-audit')} (API cnp.v1)"
+    assert spec_pb2.DESCRIPTOR.package == "cnp.v1"  # the API the version line names
+
+
+def test_every_spec_field_has_a_flag_and_every_flag_a_field():
+    fields = spec_fields()
+    # The walk sees nested and newer fields: the class names among them.
+    assert {"prune.rate", "model.classes", "positive_class_name"} <= set(fields)
+    covered = [name for flag in SPEC_FLAGS for name in flag.fields]
+    assert sorted(covered) == sorted(set(covered)), "a field with two flags"
+    assert set(fields) - set(covered) == set(), "spec fields without a flag"
+    assert set(covered) - set(fields) == set(), "flags for fields the spec lacks"
+    audit = subcommands()["audit"]
+    flags = {option for action in audit._actions for option in action.option_strings}
+    assert {flag.flag for flag in SPEC_FLAGS} <= flags
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    undocumented = []
+    for name, parser in subcommands().items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            label = f"cnp {name} {'/'.join(action.option_strings) or action.dest}"
+            if not action.help:
+                undocumented.append(f"{label}: no help")
+            elif action.option_strings and "(default: " not in action.help:
+                undocumented.append(f"{label}: no default shown")
+    assert undocumented == []
+    # The defaults shown are the library's (the argparse defaults are None, so that a
+    # flag left out does not override a --spec file).
+    text = subcommands()["audit"].format_help()
+    assert "(default: 0.8)" in text and "(default: 4,8)" in text
+    assert "(default: 0.5,0.5,0.5)" in text and "epsilon_plus_flat" in text
+
+
+# --- class flags, MLflow flags --------------------------------------------------------------
+
+
+def test_classes_by_name_or_index(tmp_path):
+    spec = parse_spec("--classes", "plain, ring", "--positive-class", "ring")
+    assert spec.model.classes == ["plain", "ring"]
+    assert (spec.positive_class, spec.positive_class_name) == (AuditSpec().positive_class, "ring")
+    assert spec.validate().class_indices(spec.model.classes) == (1, -1)
+    spec = parse_spec("--positive-class", "0", "--negative-class", "1")
+    assert (spec.positive_class, spec.positive_class_name) == (0, "")
+    assert (spec.negative_class, spec.negative_class_name) == (1, "")
+    names = tmp_path / "classes.txt"
+    names.write_text("dugong, sea cow\nwhale\n\n")
+    spec = parse_spec("--classes", f"@{names}", "--negative-class", "dugong, sea cow")
+    assert spec.model.classes == ["dugong, sea cow", "whale"]
+    assert spec.negative_class_name == "dugong, sea cow"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tag", "no-equals-sign"], "argument --tag: expected KEY=VALUE, got 'no-equals-sign'"),
+        (["--tag", "=value"], "expected KEY=VALUE"),
+        (["--tag", "ci=1", "--tag", "ci=2"], "--tag ci: given twice"),
+        (["--classes", "@missing.txt"], "missing.txt: No such file or directory"),
+        (["--classes", " , "], "no class names"),
+        (["--warn", "worst_group_accuracy>>0.7"], "cannot read the reference '>0.7'"),
+        (["--summary"], "$GITHUB_STEP_SUMMARY, which is not set"),
+    ],
+)
+def test_bad_new_flags_exit_2_before_contacting_the_server(
+    tmp_path, monkeypatch, capsys, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    with listening_socket() as (server, address):
+        assert main(["audit", "--server", address, *BASE, *extra]) == EXIT_BAD_INPUT
+        assert_no_connection(server)
+    assert message in capsys.readouterr().err
+
+
+def test_model_uris_are_sent_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for uri in ("models:/shapes/3", "models:/shapes@champion", "runs:/" + "a" * 32 + "/model"):
+        assert parse_spec("--weights", uri).model.weights == uri
+    assert parse_spec("--weights", "w/m.pt").model.weights == str(tmp_path / "w" / "m.pt")
+
+
+def test_watch_help_says_what_an_interrupt_does(capsys):
+    assert main(["watch", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "Ctrl-C or SIGTERM stops watching and exits 130 (--wait-timeout: 3), and the audit "
+        "keeps running on the server, unless --cancel-on-interrupt" in text
+    )
+    assert "--cancel-on-interrupt on Ctrl-C, SIGTERM or --wait-timeout cancel the audit" in text
+    assert "watching stops and the audit keeps running, unless --cancel-on-interrupt" in text

@@ -9,13 +9,17 @@ downloads and every exit code. ``test_cli_e2e.py`` runs the real pipeline.
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from test_server_support import MODEL_BYTES, ServerProcess, make_references, wait_for
+import yaml
+from test_server_support import MODEL_BYTES, ServerProcess, make_references, make_spec, wait_for
 
 from cnp_client import AuditClient
 from cnp_client.cli import main
@@ -238,3 +242,169 @@ def test_jobs_watch_cancel_and_report_commands(server, refs, capsys):
 
     assert main(["info", *connection]) == 0
     assert "scripted" in json.loads(capsys.readouterr().out)["architectures"]
+
+
+# --- spec files, CI outputs, MLflow options --------------------------------------------------
+
+
+def test_spec_file_audit_appends_to_the_step_summary_and_streams_json(
+    server, refs, tmp_path, monkeypatch, capsys
+):
+    spec_file = tmp_path / "audit.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"architecture": "scripted", "weights": str(refs / "model.safetensors")},
+                "dataset": {"root": str(refs / "data"), "input_size": 28},
+                "layers": ["fail:INVALID_ARGUMENT"],  # the script; --layer below overrides it
+                "attributes": ["wm"],
+                "bootstrap": 0,
+            }
+        )
+    )
+    step_summary = tmp_path / "step_summary.md"
+    earlier = "### Build\n\nwritten by an earlier command of the step\n"
+    step_summary.write_text(earlier)
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
+    connection = ["--server", server.address, "--token-file", str(server.data_dir / "token")]
+    junit = tmp_path / "junit.xml"
+    code = main(
+        [
+            "audit", "--spec", str(spec_file), "--layer", "stage:fit:2", *connection,
+            "--no-progress", "--experiment", "cli-tests", "--tag", "git_commit=abc123",
+            "--summary", "--json", "-", "--junit", str(junit),
+            # The scripted audit: AP 0.95 with CI [0.90, 1.00]; worst group 0.40 [0.35, 0.45].
+            "--gate", "max_ap_attribute.ci_low>=0.89", "--gate", "worst_group_accuracy.ci_high<0.5",
+            "--warn", "worst_group_accuracy.ci_low>=0.7",
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err  # the warning does not fail the gate
+    report = json.loads(captured.out)  # stdout is the report and nothing else
+    audit_id = report["audit_id"]
+    assert report["spec"]["layers"] == ["stage:fit:2"]  # the flag over the file
+    assert report["spec"]["model"]["architecture"] == "scripted"  # the file's
+    # People's output on stderr: progress, the tables, and the warning.
+    assert "gates: " in captured.err and "fit:" in captured.err
+    assert (
+        "cnp: warning: warn:worst_group_accuracy.ci_low>=0.7: "
+        "before.worst_group_accuracy.ci_low = 0.350, needs >= 0.700" in captured.err
+    )
+    names = [case.get("name") for case in ET.parse(junit).getroot().iter("testcase")]
+    assert names == [
+        "max_ap_attribute.ci_low>=0.89 [wm=1]",
+        "max_ap_attribute.ci_low>=0.89 [wm=0]",
+        "worst_group_accuracy.ci_high<0.5",
+        "warn:worst_group_accuracy.ci_low>=0.7",
+    ]
+    # Appended after what the step wrote before; never truncated, also by `cnp report`
+    # and by a --summary F that names the same file.
+    summary = step_summary.read_text()
+    assert summary.startswith(earlier + "\n## cnp audit `" + audit_id + "`")
+    assert "max_ap_attribute.ci_low>=0.89" in summary
+    report_args = ["report", audit_id, *connection, "--quiet"]
+    assert main([*report_args, "--summary"]) == 0
+    assert main([*report_args, "--summary", str(step_summary)]) == 0
+    summary = step_summary.read_text()
+    assert summary.startswith(earlier) and summary.count(f"## cnp audit `{audit_id}`") == 3
+    # A --summary F elsewhere is written afresh.
+    other = tmp_path / "other.md"
+    other.write_text("stale\n")
+    assert main([*report_args, "--summary", str(other)]) == 0
+    assert other.read_text().startswith(f"## cnp audit `{audit_id}`")
+
+
+def test_tracking_options_reach_the_server(server, refs, capsys):
+    # This server keeps no MLflow record: what it refuses proves the request carried them.
+    assert main(audit_args(server, refs, "layer", "--tag", "cnp.audit_id=x")) == 2
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in err and "tracking.tags" in err and "cnp.audit_id" in err
+    assert main(audit_args(server, refs, "layer", "--register-model", "shapes-pruned")) == 2
+    err = capsys.readouterr().err  # an audit alone makes no model to register
+    assert "INVALID_ARGUMENT" in err and "tracking.register_model" in err
+    pruned = audit_args(server, refs, "layer", "--prune", "cnp", "--register-model", "shapes")
+    assert main(pruned) == 2
+    err = capsys.readouterr().err
+    assert "FAILED_PRECONDITION" in err and "no model registry" in err
+
+
+# --- Ctrl-C and SIGTERM, sent to a real cnp process -----------------------------------------
+
+
+class Cnp:
+    """The ``cnp`` console script in a subprocess, its stderr collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        # As from a terminal: SIGINT at its default, even where the test runner ignores it
+        # (a background job). Reset by a launcher, not preexec_fn: code run between fork
+        # and exec in this threaded process can deadlock in gRPC's fork handlers.
+        launcher = (
+            "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+            "os.execv(sys.argv[1], sys.argv[1:])"
+        )
+        cnp = str(Path(sys.executable).parent / "cnp")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", launcher, cnp, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str) -> re.Match:
+        """The first stderr line matching ``pattern``, once the command has printed it."""
+        try:
+            return wait_for(
+                lambda: next(filter(None, map(re.compile(pattern).search, self.lines)), None)
+            )
+        except TimeoutError:
+            raise AssertionError(f"no line matching {pattern!r} in:\n{self.stderr}") from None
+
+    def interrupt(self, signum: int) -> int:
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(30)
+        finally:
+            self.process.kill()
+
+
+def test_interrupts_cancel_an_audit_and_detach_a_watch(server, refs, capsys):
+    connection = ["--server", server.address, "--token-file", str(server.data_dir / "token")]
+    with AuditClient(server.address, token=server.token) as client:
+        # cnp audit: Ctrl-C cancels the job it submitted, then exits 130.
+        audit = Cnp(*audit_args(server, refs, "sleep:300"))
+        audit_id = audit.wait_for(r"(aud-\S+) work:")[1]
+        assert audit.interrupt(signal.SIGINT) == 130, audit.stderr
+        assert f"interrupted; cancelling audit {audit_id}" in audit.stderr
+        wait_for(lambda: client.get(audit_id).state == "CANCELLED")
+
+        # cnp watch: Ctrl-C stops watching; the audit keeps running, as its help says.
+        audit_id = client.submit(make_spec(refs, "sleep:300")).id
+        watch = Cnp("watch", audit_id, *connection, "--no-progress")
+        watch.wait_for(rf"{audit_id} work:")
+        assert watch.interrupt(signal.SIGINT) == 130, watch.stderr
+        assert f"interrupted; audit {audit_id} keeps running" in watch.stderr
+        job = client.get(audit_id)
+        assert job.state == "RUNNING" and not job.cancel_requested
+        # Nor does a watch that runs out of --wait-timeout cancel it.
+        timed = ["watch", audit_id, *connection, "--no-progress", "--wait-timeout", "0.5"]
+        assert main(timed) == 3
+        assert "did not finish within --wait-timeout 0.5 s; audit" in capsys.readouterr().err
+        job = client.get(audit_id)
+        assert job.state == "RUNNING" and not job.cancel_requested
+
+        # --cancel-on-interrupt cancels it, on SIGTERM too (what CI runners send).
+        watch = Cnp("watch", audit_id, *connection, "--no-progress", "--cancel-on-interrupt")
+        watch.wait_for(rf"{audit_id} work:")
+        assert watch.interrupt(signal.SIGTERM) == 130, watch.stderr
+        assert f"interrupted; cancelling audit {audit_id}" in watch.stderr
+        wait_for(lambda: client.get(audit_id).state == "CANCELLED")

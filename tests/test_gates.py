@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
-from cnp_client.gates import GRAMMAR, GateError, Reference, all_passed, evaluate, parse_rule
+from cnp_client.gates import (
+    GATE,
+    GRAMMAR,
+    WARN,
+    GateError,
+    Reference,
+    all_passed,
+    evaluate,
+    parse_rule,
+)
 
 
 def metric(value, low=None, high=None, base=0.0) -> dict:
@@ -290,3 +300,122 @@ def test_audit_baseline_matches_attribute_values():
 def test_baseline_rule_without_baseline_is_a_configuration_error():
     with pytest.raises(GateError, match="baseline"):
         evaluate(["worst_group_accuracy>=baseline"], make_report())
+
+
+# --- interval bounds -----------------------------------------------------------------------
+
+
+def interval_report() -> dict:
+    """S3 has the highest AP (0.91, CI 0.85-0.95); S2 a lower AP with a wider interval."""
+    report = make_report()
+    subspaces = report["attributes"][0]["subspaces"]
+    subspaces[1]["ap_attribute"] = metric(0.70, 0.40, 0.97, base=0.5)
+    subspaces[2]["ap_attribute"] = metric(0.91, 0.85, 0.95, base=0.5)
+    return report
+
+
+def test_rules_read_interval_bounds():
+    rule = parse_rule("max_ap_attribute.ci_low >= 0.9")
+    assert (rule.metric, rule.bound, rule.scope, rule.text) == (
+        "max_ap_attribute",
+        "ci_low",
+        "",
+        "max_ap_attribute.ci_low>=0.9",
+    )
+    rule = parse_rule("after.worst_group_accuracy.ci_high<0.6")
+    assert (rule.scope, rule.metric, rule.bound) == ("after", "worst_group_accuracy", "ci_high")
+    assert parse_rule("balanced_accuracy>=0.9").bound == "value"
+    assert parse_rule("before.balanced_accuracy.value>=0.9").bound == "value"
+
+    report = interval_report()
+    # The estimate passes where its interval's low end does not.
+    value, low = evaluate(["max_ap_attribute>=0.9", "max_ap_attribute.ci_low>=0.9"], report)
+    assert value.passed and value.observed == pytest.approx(0.91)
+    assert not low.passed and low.observed == pytest.approx(0.85)
+    assert low.message == "watermark=1: max_ap_attribute.ci_low = 0.850, needs >= 0.900"
+    # The highest bound over the subspaces, not the bound of the highest AP: S2's
+    # interval reaches 0.97, so "no subspace reaches 0.96" cannot be claimed.
+    (high,) = evaluate(["max_ap_attribute.ci_high<=0.96"], report)
+    assert not high.passed and high.observed == pytest.approx(0.97)
+
+    # Evaluation metrics: after (pruned) balanced accuracy 0.93, CI 0.91-0.95.
+    low, high = evaluate(
+        ["balanced_accuracy.ci_low>=0.92", "balanced_accuracy.ci_high<0.96"], report
+    )
+    assert not low.passed and low.observed == pytest.approx(0.91)
+    assert low.message == "after.balanced_accuracy.ci_low = 0.910, needs >= 0.920"
+    assert high.passed and high.observed == pytest.approx(0.95)
+
+
+def test_relative_references_read_the_same_bound():
+    report, baseline = interval_report(), make_report()
+    # before: balanced accuracy 0.80, CI 0.78-0.82; after: its low end 0.91.
+    (check,) = evaluate(["after.balanced_accuracy.ci_low>=before+0.12"], report)
+    assert check.passed and check.threshold == pytest.approx(0.90)
+    assert "(before 0.780 + 0.12)" in check.message
+    baseline["after"]["balanced_accuracy"] = metric(0.95, 0.94, 0.96)
+    (check,) = evaluate(["balanced_accuracy.ci_low>=baseline"], report, baseline)
+    assert not check.passed and check.threshold == pytest.approx(0.94)
+    checks = evaluate(["max_ap_attribute.ci_high<=baseline"], report, interval_report())
+    assert checks[0].passed and checks[0].threshold == pytest.approx(0.97)
+
+
+def test_omitted_bounds_read_as_zero():
+    report = make_report()
+    del report["after"]["balanced_accuracy"]["ci_low"]  # proto3 JSON omits 0.0
+    (check,) = evaluate(["balanced_accuracy.ci_low>=0.5"], report)
+    assert check.observed == 0.0 and not check.passed
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        (
+            "ap_attribute.ci_low>=0.9",
+            "unknown metric 'ap_attribute' (did you mean max_ap_attribute?)",
+        ),
+        ("worst_group_accuracy.ci_lo>=0.7", "unknown bound 'ci_lo'"),
+        ("parameters.ci_high<=5", "parameters has no interval"),
+        ("flagged.ci_low==none", "flagged has no interval"),
+        ("after.worst_group_accuracy.ci_low.x>=0.7", "malformed"),
+        ("warn:", "malformed"),
+    ],
+)
+def test_malformed_bound_and_level_rules(text, why):
+    with pytest.raises(GateError, match=re.escape(why)):
+        parse_rule(text)
+
+
+# --- warn rules ----------------------------------------------------------------------------
+
+
+def test_warn_rules_are_reported_but_never_fail():
+    report = make_report()  # after: worst group 0.88, balanced accuracy 0.93
+    rule = parse_rule("warn: worst_group_accuracy >= 0.9")
+    assert (rule.level, rule.text, rule.metric) == (
+        WARN,
+        "warn:worst_group_accuracy>=0.9",
+        "worst_group_accuracy",
+    )
+    assert parse_rule("worst_group_accuracy>=0.9", WARN) == rule  # as --warn gives it
+
+    warned, passed = evaluate([rule, "balanced_accuracy>=0.9"], report)
+    assert (warned.passed, warned.warned, warned.failed, warned.level) == (False, True, False, WARN)
+    assert warned.name == "warn:worst_group_accuracy>=0.9"
+    assert "needs >= 0.900" in warned.message
+    assert passed.passed and not passed.warned and passed.level == GATE
+    assert all_passed([warned, passed])  # a warning alone never fails the gate
+
+    # A warn rule that holds is a plain pass; a gate rule that fails still fails.
+    checks = evaluate(["warn:flagged!=none", "flagged==none"], report)
+    assert [(c.passed, c.warned, c.failed) for c in checks] == [
+        (True, False, False),
+        (False, False, True),
+    ]
+    assert not all_passed(checks)
+    # Audit rules give one warning per attribute value.
+    checks = evaluate(["warn:max_ap_attribute<=0.8"], two_attribute_report())
+    assert [(c.name, c.warned) for c in checks] == [
+        ("warn:max_ap_attribute<=0.8 [watermark=1]", True),
+        ("warn:max_ap_attribute<=0.8 [sex=f]", False),
+    ]
