@@ -24,53 +24,22 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.longrunning import operations_pb2_grpc
 
-from cnp.v1 import service_pb2, service_pb2_grpc
+from cnp.v1 import service_pb2
 from cnp_core.spec import AuditSpec
 
 from . import calls
-from .calls import DEFAULT_ADDRESS, DEFAULT_MESSAGE_BYTES
 from .client import Artifact, AuditReportView, Job, Progress
 from .errors import Internal, from_rpc_error
 
 __all__ = ["AsyncAuditClient"]
 
 
-class AsyncAuditClient:
+class AsyncAuditClient(calls.Endpoint):
     """A connection to one cnp server for asyncio code; see :class:`cnp_client.AuditClient`
     for the options (token, TLS and mutual TLS, timeout, retries)."""
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        token: str | None = None,
-        token_file: str | os.PathLike | None = None,
-        root_certificates: bytes | str | os.PathLike | None = None,
-        client_certificate: bytes | str | os.PathLike | None = None,
-        client_key: bytes | str | os.PathLike | None = None,
-        timeout: float = 30.0,
-        retries: int = 3,
-        backoff: float = 0.5,
-        max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
-    ) -> None:
-        self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
-        link = calls.connection(
-            token=token,
-            token_file=token_file,
-            root_certificates=root_certificates,
-            client_certificate=client_certificate,
-            client_key=client_key,
-            max_message_bytes=max_message_bytes,
-        )
-        self._metadata = link.metadata
-        if link.credentials is not None:
-            self._channel = grpc.aio.secure_channel(address, link.credentials, options=link.options)
-        else:
-            self._channel = grpc.aio.insecure_channel(address, options=link.options)
-        self._audit = service_pb2_grpc.ConceptAuditStub(self._channel)
-        self._operations = operations_pb2_grpc.OperationsStub(self._channel)
+    channels = grpc.aio
 
     async def close(self) -> None:
         await self._channel.close()

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.longrunning import operations_pb2
+from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf.duration_pb2 import Duration
 
-from cnp.v1 import service_pb2
+from cnp.v1 import service_pb2, service_pb2_grpc
 from cnp_core import convert
 from cnp_core.paths import read_secret
 from cnp_core.spec import AuditSpec
@@ -103,6 +103,46 @@ def connection(
         ),
         metadata=(("authorization", f"Bearer {secret}"),) if secret else (),
     )
+
+
+class Endpoint:
+    """The channel, credentials and stubs of a client; ``channels`` is ``grpc`` or
+    ``grpc.aio``."""
+
+    channels: Any
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        token: str | None = None,
+        token_file: str | os.PathLike | None = None,
+        root_certificates: bytes | str | os.PathLike | None = None,
+        client_certificate: bytes | str | os.PathLike | None = None,
+        client_key: bytes | str | os.PathLike | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
+    ) -> None:
+        self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
+        link = connection(
+            token=token,
+            token_file=token_file,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            max_message_bytes=max_message_bytes,
+        )
+        self._metadata = link.metadata
+        if link.credentials is not None:
+            self._channel = self.channels.secure_channel(
+                address, link.credentials, options=link.options
+            )
+        else:
+            self._channel = self.channels.insecure_channel(address, options=link.options)
+        self._audit = service_pb2_grpc.ConceptAuditStub(self._channel)
+        self._operations = operations_pb2_grpc.OperationsStub(self._channel)
 
 
 # --- requests -------------------------------------------------------------------------

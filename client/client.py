@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.longrunning import operations_pb2
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
+from cnp.v1 import report_pb2, service_pb2
 from cnp_core import convert
 from cnp_core.results import AuditResult
 from cnp_core.spec import AuditSpec
@@ -282,7 +282,7 @@ class AuditReportView:
 # --- the client -----------------------------------------------------------------------
 
 
-class AuditClient:
+class AuditClient(calls.Endpoint):
     """A connection to one cnp server.
 
     ``root_certificates`` (PEM bytes or a file path) switches to TLS; with
@@ -292,36 +292,7 @@ class AuditClient:
     tried again.
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        token: str | None = None,
-        token_file: str | os.PathLike | None = None,
-        root_certificates: bytes | str | os.PathLike | None = None,
-        client_certificate: bytes | str | os.PathLike | None = None,
-        client_key: bytes | str | os.PathLike | None = None,
-        timeout: float = 30.0,
-        retries: int = 3,
-        backoff: float = 0.5,
-        max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
-    ) -> None:
-        self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
-        link = calls.connection(
-            token=token,
-            token_file=token_file,
-            root_certificates=root_certificates,
-            client_certificate=client_certificate,
-            client_key=client_key,
-            max_message_bytes=max_message_bytes,
-        )
-        self._metadata = link.metadata
-        if link.credentials is not None:
-            self._channel = grpc.secure_channel(address, link.credentials, options=link.options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=link.options)
-        self._audit = service_pb2_grpc.ConceptAuditStub(self._channel)
-        self._operations = operations_pb2_grpc.OperationsStub(self._channel)
+    channels = grpc  # the blocking channels
 
     def close(self) -> None:
         self._channel.close()
