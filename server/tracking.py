@@ -284,6 +284,13 @@ def tracking_options(options: Any, config: ServerConfig, prunes: bool) -> str:
 # --- writing runs --------------------------------------------------------------------
 
 
+def limit_http(config: ServerConfig) -> None:
+    """Bound every MLflow HTTP call of this process and its workers (MLflow's own default
+    retries for minutes): the tracker, and CreateAudit's check of a models:/ URI."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(config.tracking_http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(config.tracking_http_timeout)))
+
+
 @dataclass
 class _Live:
     """What the tracker has already mirrored of a running job."""
@@ -297,8 +304,7 @@ class RunLogger:
     """Writes jobs' runs to one MLflow tracking URI, through ``MlflowClient``."""
 
     def __init__(self, config: ServerConfig, store: JobStore) -> None:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(config.tracking_http_retries))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(config.tracking_http_timeout)))
+        limit_http(config)
         from mlflow.tracking import MlflowClient
 
         self.config, self.store = config, store
@@ -525,6 +531,7 @@ class Tracker:
     with back-off while MLflow is unavailable."""
 
     def __init__(self, config: ServerConfig, store: JobStore) -> None:
+        limit_http(config)  # before any worker is spawned: they inherit it
         self.config, self.store = config, store
         self._logger: RunLogger | None = None
         self._wake = threading.Event()

@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import stat
 import time
 from pathlib import Path
@@ -579,3 +580,27 @@ def test_a_store_from_an_older_release_gains_the_new_columns(tmp_path):
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
     assert set(new) <= columns
     store.close()
+
+
+def test_a_registry_model_is_unavailable_at_once_while_mlflow_is_away(tmp_path, monkeypatch):
+    """CreateAudit's check of models:/ with the tracking server down: UNAVAILABLE with a
+    retry delay, within the server's HTTP bounds (MLflow alone retries for minutes)."""
+    from cnp_server.registry import TrackingUnavailable
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = ServerConfig(
+        data_dir=str(tmp_path),
+        tracking_uri=f"http://127.0.0.1:{port}",
+        tracking_http_retries=0,
+        tracking_http_timeout=2,
+    )
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # what limit_http sets
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable) as err:
+        check_references(_spec("models:/shapes/1", str(tmp_path)), config)
+    assert time.monotonic() - started < 10
+    assert err.value.reason == "TRACKING_UNAVAILABLE" and err.value.retry_after == 15.0
+    assert "models:/shapes/1" in str(err.value) and str(port) not in str(err.value)
