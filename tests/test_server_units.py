@@ -160,8 +160,10 @@ def test_recover_stale_heartbeats_only(store):
     store.claim_next("a")
     store.claim_next("b")
     time.sleep(0.05)
+    cut = time.time()  # both claims beat before it, the fresh job's heartbeat after it
+    time.sleep(0.01)
     store.heartbeat([fresh.id], "a")
-    actions = store.recover(max_attempts=3, stale_before=time.time() - 0.02)
+    actions = store.recover(max_attempts=3, stale_before=cut)
     assert actions == [(stale.id, QUEUED)]
 
 
