@@ -74,7 +74,9 @@ def test_kill_9_during_a_running_job_then_restart_reruns_it_once(tmp_path):
             assert done.state == SUCCEEDED and done.attempt == 2
             report = client.report(job.id)
             assert len(report.attributes) == 2 and report.before is not None
-            run_id = wait_for(lambda: client.get(job.id).mlflow_run_id, timeout=60)
+            # The run exists from the job's start; its record is complete once "done".
+            wait_for(lambda: client.get(job.id).tracking_state == "done", timeout=60)
+            run_id = client.get(job.id).mlflow_run_id
     finally:
         server.stop()
 
