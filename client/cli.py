@@ -471,9 +471,16 @@ def _finish(args: argparse.Namespace, client: AuditClient, audit_id: str, gating
         _download_model(client, audit_id, args.download_model)
     if not args.quiet:
         human.write(reports.text_summary(report, checks))
+        _print_run(client.get(audit_id), human)
         human.flush()
     _print_warnings(checks)
     return EXIT_PASS if all_passed(checks) else EXIT_GATE_FAILED
+
+
+def _print_run(job: Job, out: Any) -> None:
+    """Where the job's MLflow run is (it exists from the job's start), for the CI log."""
+    if job.mlflow_run_id:
+        out.write(f"MLflow: run {job.mlflow_run_id} in experiment {job.mlflow_experiment_id}\n")
 
 
 def _print_warnings(checks: Sequence[Check]) -> None:

@@ -216,6 +216,7 @@ def test_demo_runs_the_cli_against_a_real_server_and_explains_the_failed_gate(tm
     uri = f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}"
     run_id = re.search(r"MLflow run ([0-9a-f]{32}) \(name (aud-\w+)\) in (\S+)", stdout)
     assert run_id and run_id[2] == saved["audit_id"] and run_id[3] == uri
+    assert f"MLflow: run {run_id[1]} in experiment " in stdout  # the CLI's own line
     assert f"ui --backend-store-uri {uri}" in stdout and f"/runs/{run_id[1]}" in stdout
     assert_server_gone(stdout, tmp_path / "server")
 
