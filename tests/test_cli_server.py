@@ -27,13 +27,6 @@ from cnp_core.spec import AuditSpec, DatasetRef, ModelRef
 
 
 @pytest.fixture(scope="module")
-def refs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("refs")
-    make_references(root)
-    return root
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, refs):
     process = ServerProcess(tmp_path_factory.mktemp("data"), [refs], args=["--no-tracking"]).start()
     yield process
@@ -270,7 +263,8 @@ def test_spec_file_audit_appends_to_the_step_summary_and_streams_json(
     junit = tmp_path / "junit.xml"
     code = main(
         [
-            "audit", "--spec", str(spec_file), "--layer", "stage:fit:2", *connection,
+            # A fit stage of 1 s: several WatchAudit polls (0.25 s) see it, so it is printed.
+            "audit", "--spec", str(spec_file), "--layer", "stage:fit:10", *connection,
             "--no-progress", "--experiment", "cli-tests", "--tag", "git_commit=abc123",
             "--summary", "--json", "-", "--junit", str(junit),
             # The scripted audit: AP 0.95 with CI [0.90, 1.00]; worst group 0.40 [0.35, 0.45].
@@ -282,10 +276,10 @@ def test_spec_file_audit_appends_to_the_step_summary_and_streams_json(
     assert code == 0, captured.err  # the warning does not fail the gate
     report = json.loads(captured.out)  # stdout is the report and nothing else
     audit_id = report["audit_id"]
-    assert report["spec"]["layers"] == ["stage:fit:2"]  # the flag over the file
+    assert report["spec"]["layers"] == ["stage:fit:10"]  # the flag over the file
     assert report["spec"]["model"]["architecture"] == "scripted"  # the file's
     # People's output on stderr: progress, the tables, and the warning.
-    assert "gates: " in captured.err and "fit:" in captured.err
+    assert "gates: " in captured.err and "fit:" in captured.err, captured.err
     assert (
         "cnp: warning: warn:worst_group_accuracy.ci_low>=0.7: "
         "before.worst_group_accuracy.ci_low = 0.350, needs >= 0.700" in captured.err
