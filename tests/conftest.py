@@ -6,6 +6,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    """Reference files of the scripted engine's tiny model and dataset (one set per module),
+    under the root the module's servers allow."""
+    from test_server_support import make_references
+
+    root = tmp_path_factory.mktemp("refs")
+    make_references(root)
+    return root
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: on shared cores, two OpenMP threads wait on each other."""

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_server_support import REPO, ServerProcess, make_references, make_spec, prune_spec
+from test_server_support import REPO, ServerProcess, make_spec, prune_spec
 
 from cnp_client import (
     AuditClient,
@@ -106,13 +106,6 @@ def test_unavailable_is_retried_with_backoff_then_raised():
 
 
 # --- against a server -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refs")
-    make_references(root)
-    return root
 
 
 @pytest.fixture(scope="module")

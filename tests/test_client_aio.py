@@ -26,7 +26,6 @@ from grpc_status import rpc_status
 from test_server_support import (
     MODEL_BYTES,
     ServerProcess,
-    make_references,
     make_spec,
     prune_spec,
 )
@@ -361,13 +360,6 @@ def test_the_asyncio_client_speaks_mutual_tls(tmp_path):
 
 
 # --- against cnp-server ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refs")
-    make_references(root)
-    return root
 
 
 @pytest.fixture(scope="module")

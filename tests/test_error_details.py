@@ -16,7 +16,7 @@ import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from test_server_support import ServerProcess, make_references, make_spec, wait_for
+from test_server_support import ServerProcess, make_spec, wait_for
 
 import cnp_core.errors as core_errors
 import cnp_server.errors as server_errors
@@ -164,13 +164,6 @@ def test_a_stored_error_adds_its_audit_id_and_errors_survive_pickling():
 
 
 # --- against a real server ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refs")
-    make_references(root)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_server_support import ServerProcess, make_references, make_spec, prune_spec, wait_for
+from test_server_support import ServerProcess, make_spec, prune_spec, wait_for
 
 from cnp.v1 import report_pb2, service_pb2, service_pb2_grpc
 from cnp_client import (
@@ -31,13 +31,6 @@ from cnp_client import (
     Unauthenticated,
 )
 from cnp_core import convert
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refs")
-    make_references(root)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_server_support import ServerProcess, make_references, make_spec, wait_for
+from test_server_support import ServerProcess, make_spec, wait_for
 
 from cnp.v1 import service_pb2, service_pb2_grpc
 from cnp_client import AuditClient
@@ -27,13 +27,6 @@ from cnp_server.config import ConfigError, ServerConfig, load_config
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refs")
-    make_references(root)
-    return root
 
 
 def _server(tmp_path_factory, refs, **settings) -> ServerProcess:
