@@ -274,7 +274,7 @@ class ArtifactFile:
         """Where a (resumed) stream has to start."""
         return self._handle.tell()
 
-    def write(self, chunk: service_pb2.ArtifactChunk) -> None:
+    def write(self, chunk: service_pb2.ReadArtifactResponse) -> None:
         if chunk.offset != self.offset:
             raise Internal(f"artifact stream out of order at {chunk.offset}", audit_id=self.job_id)
         self._handle.write(chunk.data)

@@ -33,13 +33,10 @@ from .errors import FactoryNotAllowed, PathOutsideRoots
 
 REQUIRED = ("validate", "run_audit", "capabilities")
 
-# Weights references that are not files on this server (MLflow's; see registry).
-_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
-
 
 def files_only(spec: AuditSpec) -> AuditSpec:
     """The spec an engine validates: a model URI is the registry's to check, not a path."""
-    if not spec.model.weights.startswith(_URI_PREFIXES):
+    if not registry.is_model_uri(spec.model.weights):
         return spec
     return dataclasses.replace(spec, model=dataclasses.replace(spec.model, weights=""))
 
@@ -70,7 +67,7 @@ def check_references(spec: AuditSpec, config: ServerConfig) -> None:
             field="model.factory",
         )
     named = [("dataset.root", spec.dataset.root)]
-    if spec.model.weights.startswith(_URI_PREFIXES):
+    if registry.is_model_uri(spec.model.weights):
         registry.check(spec.model.weights, config)  # the model exists in this server's MLflow
     elif spec.model.weights:
         named.append(("model.weights", spec.model.weights))

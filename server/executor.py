@@ -191,7 +191,7 @@ class LocalExecutor:
             if job is None:
                 return
             self._on_started(job.id)
-            setup, c = self._setup(slot), self.config
+            setup = self._setup(slot)
             task = WorkerTask(
                 audit_id=job.id,
                 attempt=job.attempts,
@@ -205,7 +205,9 @@ class LocalExecutor:
                 cuda_visible_devices=setup.cuda_visible_devices,
                 progress_interval=min(0.5, self.config.poll_seconds),
                 memory_limit=self.config.worker_memory_bytes,
-                tracking_uri=c.effective_tracking_uri if c.tracking_enabled else "",
+                tracking_uri=(
+                    self.config.effective_tracking_uri if self.config.tracking_enabled else ""
+                ),
                 max_weights_bytes=self.config.max_weights_bytes,
             )
             item = self._hand_to_spare(slot, task)

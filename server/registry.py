@@ -49,8 +49,13 @@ class ModelSource:
     artifact_path: str = ""  # the weights file read, relative to artifact_uri (once fetched)
 
 
+# Weights references that name MLflow's artifacts, not files on this server; resolve()
+# takes the first two and refuses the rest with the forms it takes.
+URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
 def is_model_uri(text: str) -> bool:
-    return text.startswith(("models:/", "runs:/"))
+    return text.startswith(URI_PREFIXES)
 
 
 def _client(tracking_uri: str) -> Any:

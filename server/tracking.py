@@ -37,7 +37,7 @@ from cnp.v1 import report_pb2
 from cnp_core.results import AP_COLUMNS
 from cnp_core.safe_text import visible
 
-from . import __version__, mlflow_model
+from . import __version__, mlflow_model, registry
 from .config import ServerConfig
 from .errors import BadRequest, WrongState
 from .jobs import (
@@ -118,7 +118,7 @@ def subspace_name(index: int) -> str:
     return f"S{index + 1}"
 
 
-def _class_name(report: report_pb2.AuditReport, group: report_pb2.GroupMetric) -> str:
+def _class_name(group: report_pb2.GroupMetric) -> str:
     return group.label_name or f"class {group.label}"
 
 
@@ -144,7 +144,7 @@ def report_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
             _metric_values((name, "worst_group_accuracy"), evaluation.worst_group_accuracy)
         )
         for g in evaluation.groups:
-            group = (name, "group", _class_name(report, g), g.attribute, g.value)
+            group = (name, "group", _class_name(g), g.attribute, g.value)
             metrics.update(_metric_values((*group, "accuracy"), g.accuracy))
             metrics[_key(*group, "count")] = g.count
         for field in ("parameters", "flops", "latency_ms"):
@@ -201,7 +201,7 @@ def audit_table(report: report_pb2.AuditReport) -> dict[str, list[Any]]:
 def model_uri(spec: dict[str, Any]) -> str:
     model = spec.get("model", {})
     weights = model.get("weights", "")
-    if weights and "://" not in weights and not weights.startswith(("models:/", "runs:/")):
+    if weights and "://" not in weights and not registry.is_model_uri(weights):
         weights = Path(weights).as_uri() if Path(weights).is_absolute() else weights
     source = (
         f"torchvision:{model['architecture']}"
@@ -221,15 +221,11 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,255}")
 _TAG_KEY = re.compile(r"[A-Za-z0-9_\-. /]{1,250}")
 
 
-def _printable(text: str) -> bool:
-    return text.isprintable()
-
-
 def tracking_options(options: Any, config: ServerConfig, prunes: bool) -> str:
     """The client's ``TrackingOptions``, checked, as the JSON the job row keeps; ``prunes``:
     the job has a pruning stage (the model to register)."""
     experiment, register = options.experiment.strip(), options.register_model.strip()
-    if len(experiment) > MAX_EXPERIMENT_NAME or not _printable(experiment):
+    if len(experiment) > MAX_EXPERIMENT_NAME or not experiment.isprintable():
         raise BadRequest(
             f"tracking.experiment: at most {MAX_EXPERIMENT_NAME} printable characters",
             request_field="tracking.experiment",
