@@ -33,6 +33,8 @@ class ConfigError(CnpError):
 # find one, however many clients wait on WatchAudit.
 STREAM_RESERVE = 8
 
+EXECUTORS = ("local", "ray")
+
 
 @dataclass
 class ServerConfig:
@@ -73,7 +75,13 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     artifact_chunk_bytes: int = 1024 * 1024
     max_queued: int = 64
-    workers: int = 0  # 0: one per GPU, or one on CPU
+    workers: int = 0  # 0: one per GPU, or one on CPU (Ray: jobs in flight at once)
+    # "local": worker processes on this machine, one per GPU; "ray": each job runs in a
+    # Ray actor on the cluster at ray_address, asking for one GPU (or CPUs).
+    executor: str = "local"
+    # Where the Ray cluster is: "HOST:PORT" of its head (GCS), "ray://HOST:10001" (Ray
+    # Client), or "auto"; empty: start a Ray instance on this machine.
+    ray_address: str = ""
     # Memory a job's worker may allocate (RLIMIT_DATA, bytes); 0: no limit of its own.
     # Over it, the job fails with RESOURCE_EXHAUSTED instead of the kernel killing a process.
     worker_memory_bytes: int = 0
@@ -182,6 +190,10 @@ class ServerConfig:
             )
         if self.keepalive_seconds <= 0 or self.keepalive_timeout_seconds <= 0:
             raise ConfigError("keepalive_seconds and keepalive_timeout_seconds must be > 0")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(
+                f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"
+            )
         if self.tracking_live_seconds <= 0:
             raise ConfigError("tracking_live_seconds must be > 0")
         return self

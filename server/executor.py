@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    """What the service needs from an executor (local processes now; Ray later)."""
+    """What the service needs from an executor (local worker processes, or Ray actors)."""
 
     slots: int
 
@@ -55,6 +55,20 @@ class Executor(Protocol):
 
     def stop(self, drain_seconds: float) -> None:
         """Stop claiming; let running jobs finish for up to ``drain_seconds``; re-queue the rest."""
+
+
+def make_executor(
+    config: ServerConfig,
+    store: JobStore,
+    on_finished: Callable[[str], None] | None = None,
+    on_started: Callable[[str], None] | None = None,
+) -> Executor:
+    """The executor the configuration names (Ray is imported only when asked for)."""
+    if config.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(config, store, on_finished=on_finished, on_started=on_started)
+    return LocalExecutor(config, store, on_finished=on_finished, on_started=on_started)
 
 
 def detect_gpus() -> list[int]:

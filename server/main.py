@@ -29,7 +29,7 @@ from . import __version__, logs
 from .auth import BearerTokenInterceptor, ensure_token
 from .config import ConfigError, ServerConfig, load_config
 from .engine import load_engine
-from .executor import LocalExecutor
+from .executor import make_executor
 from .service import (
     SERVICE_NAMES,
     AuditService,
@@ -86,7 +86,7 @@ class Application:
         self.tracker = Tracker(c, self.store) if c.tracking_enabled else None
         tracker = self.tracker
         wake = (lambda _audit_id: tracker.wake()) if tracker else None
-        self.executor = LocalExecutor(c, self.store, on_finished=wake, on_started=wake)
+        self.executor = make_executor(c, self.store, on_finished=wake, on_started=wake)
         self.service = AuditService(c, self.store, self.executor, self.engine)
 
         interceptors = []

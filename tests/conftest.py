@@ -53,3 +53,13 @@ def benchmarks():
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(ensure_benchmark, **params) for params in BENCHMARKS]
         return [future.result() for future in futures]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL cluster for the session; tests make their own databases."""
+    from postgres import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.destroy()
