@@ -16,7 +16,10 @@ run, in turn:
 
 Targets (2 CPU cores): audit <= 60 s and <= 1.25 x the yardstick; with CNP <= 90 s.
 
-    python -m bench.audit_speed [--quick]
+    python -m bench.audit_speed [--quick] [--device cuda]
+
+On a GPU machine the server runs the audits on its GPU (the spec's device is "auto");
+``--device cuda`` runs the yardstick there too, so the ratio compares like with like.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ FACTOR = 4  # copies of each image: 790 x 4 = 3,160 images
 AUDIT_SECONDS, PRUNED_SECONDS, RATIO = 60.0, 90.0, 1.25
 
 
-def gradient_pass(spec) -> tuple[float, int]:
+def gradient_pass(spec, device: str = "cpu") -> tuple[float, int]:
     """Seconds of one forward and backward pass over every image, and the image count."""
     import torch
     import torch.nn.functional as F
@@ -42,13 +45,15 @@ def gradient_pass(spec) -> tuple[float, int]:
     from cnp_core.data import LabelledImages, load_dataset, make_loader
     from cnp_core.models import load_model
 
-    model = load_model(spec.model)
+    model = load_model(spec.model).to(device)
     table = load_dataset(spec.dataset, spec.attributes)
     rows = torch.arange(len(table.labels)).numpy()
     began = time.perf_counter()
     for images, labels in make_loader(LabelledImages(table, rows, spec.dataset), spec.batch_size):
-        F.cross_entropy(model(images), labels).backward()
+        F.cross_entropy(model(images.to(device)), labels.to(device)).backward()
         model.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - began, len(rows)
 
 
@@ -71,7 +76,8 @@ def cli_audit(server: Server, spec, workdir: Path, *extra: str) -> dict[str, Any
     }
 
 
-def _measure(quick: bool = False) -> common.BenchResult:
+def _measure(quick: bool = False, device: str = "cpu") -> common.BenchResult:
+    """``device``: where the yardstick runs; the server picks its own (a GPU when it has one)."""
     from cnp_core.synthetic import ensure_benchmark
 
     bench = ensure_benchmark(image_size=32 if quick else 64)
@@ -82,7 +88,7 @@ def _measure(quick: bool = False) -> common.BenchResult:
     server = Server(tmp / "server", [Path(bench.dataset).parent.parent])
     server.start()
     try:
-        yardstick, images = gradient_pass(spec)
+        yardstick, images = gradient_pass(spec, device)
         audit = cli_audit(server, spec, tmp)
         server.settle(time.monotonic() + 120)
         pruned = cli_audit(server, spec, tmp, "--prune", "cnp")
@@ -111,13 +117,18 @@ def _measure(quick: bool = False) -> common.BenchResult:
     return common.BenchResult("audit_speed", title, checks, details)
 
 
-def run(quick: bool = False, write: bool = True) -> dict[str, Any]:
-    """Measure, print the table, write ``bench/results/audit_speed.json``."""
-    return common.report(common.timed(_measure, quick=quick), write)
+def run(quick: bool = False, write: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """Measure, print the table, write ``bench/results/audit_speed[.cuda].json``."""
+    return common.report(common.timed(_measure, quick=quick, device=device), write)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(run, __doc__, argv)
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="where the yardstick pass runs")
+    args = p.parse_args(argv)
+    common.set_threads(args.threads)
+    run(args.quick, not args.no_write, args.device)
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ The models are pruned through the public path, ``cnp_core.pruning.schedule.prune
 LRP scores (``PruneSpec(method="lrp")``, one-shot, global ranking, coupled channels
 removed together by Torch-Pruning's dependency graph; the hidden neurons of the fully
 connected layers, e.g. VGG's classifier, go at the same rate, ranked apart from the
-filters), and the ``compact`` model it returns is timed on the CPU at batch 1 and batch
-32 against the unpruned model, all models interleaved round by round, medians compared.
+filters), and the ``compact`` model it returns is timed on the CPU (or ``--device cuda``)
+at batch 1 and batch 32 against the unpruned model, all models interleaved round by round, medians compared.
 Random-init torchvision models (seeded) scored on generated reference images: latency
 does not depend on the weights, only on which channels go.
 
@@ -19,7 +19,7 @@ the JSON holds every ratio under ``details.<arch>.ratios``.
 
 Targets: latency ratio <= 0.75 at 30 % removed and <= 0.55 at 50 %.
 
-    python -m bench.pruned_latency [--quick] [--arch resnet18:128 --arch vgg11:64]
+    python -m bench.pruned_latency [--quick] [--device cuda] [--arch resnet18:128 --arch vgg11:64]
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def _latencies(
         def go() -> None:
             for _ in range(calls):
                 model(x)
+            if x.is_cuda:  # kernels run asynchronously: time them, not their launch
+                torch.cuda.synchronize(x.device)
 
         return go
 
@@ -63,7 +65,9 @@ def _latencies(
     return per_call(seconds), per_call(cpu)
 
 
-def _one(arch: str, size: int, quick: bool) -> tuple[list[common.Check], dict[str, Any]]:
+def _one(
+    arch: str, size: int, quick: bool, device: str
+) -> tuple[list[common.Check], dict[str, Any]]:
     import torch_pruning as tp
 
     from cnp_core.export import for_inference
@@ -94,10 +98,12 @@ def _one(arch: str, size: int, quick: bool) -> tuple[list[common.Check], dict[st
     for name, m in models.items():
         macs, params = tp.utils.count_ops_and_params(m, example)
         pruning.setdefault(name, {}).update(macs=int(macs), parameters=int(params))
+    models = {name: m.to(device) for name, m in models.items()}
+    batch = torch.randn(32, 3, size, size, generator=g)
     rounds = 2 if quick else 7
     measured = {
-        1: _latencies(models, example, calls=3 if quick else 20, rounds=rounds),
-        32: _latencies(models, torch.randn(32, 3, size, size, generator=g), calls=1, rounds=rounds),
+        1: _latencies(models, example.to(device), calls=3 if quick else 20, rounds=rounds),
+        32: _latencies(models, batch.to(device), calls=1, rounds=rounds),
     }
     checks, ratios = [], {}
     for batch, (wall, cpu) in measured.items():
@@ -146,17 +152,20 @@ def _one(arch: str, size: int, quick: bool) -> tuple[list[common.Check], dict[st
     return checks, details
 
 
-def _measure(quick: bool = False, *, archs: list[str] | None = None) -> common.BenchResult:
+def _measure(
+    quick: bool = False, *, archs: list[str] | None = None, device: str = "cpu"
+) -> common.BenchResult:
     archs = list(archs or (QUICK_ARCHS if quick else DEFAULT_ARCHS))
     checks: list[common.Check] = []
     details: dict[str, Any] = {"threads": torch.get_num_threads()}
     for item in archs:
         arch, _, size = item.partition(":")
         size_px = int(size or 64)
-        more, info = _one(arch, size_px, quick)
+        more, info = _one(arch, size_px, quick, device)
         checks += more
         details[f"{arch}@{size_px}"] = info
-    title = "Pruned model CPU latency (compact / unpruned): " + ", ".join(archs)
+    where = "CPU" if device == "cpu" else device
+    title = f"Pruned model {where} latency (compact / unpruned): " + ", ".join(archs)
     return common.BenchResult("pruned_latency", title, checks, details)
 
 
@@ -173,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torchvision architecture and input size, e.g. resnet18:128 (repeatable)",
     )
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     common.set_threads(args.threads)
-    run(args.quick, not args.no_write, archs=args.arch)
+    run(args.quick, not args.no_write, archs=args.arch, device=args.device)
     return 0
 
 
