@@ -15,7 +15,7 @@
 #
 # Environment: uses .venv/bin/python when it exists, else $PYTHON or python3. When the
 # project does not import there (a fresh GPU machine), it runs
-#   pip install -e '.[server]'
+#   pip install -e '.[server,dev]'
 # which needs a package index or a wheelhouse (PIP_FIND_LINKS=dir PIP_NO_INDEX=1): the
 # repository cannot carry torch's wheels. $OUT, when set (the device runner), also gets
 # a copy of the JSON files. The card's name is recorded in each JSON (machine.gpu).
@@ -24,9 +24,9 @@ cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-if ! "$PY" -c "import torch, torchvision, zennit, torch_pruning, scipy, cnp_core" 2>/dev/null; then
-    echo "cnp does not import with $PY: installing it (pip install -e '.[server]')" >&2
-    "$PY" -m pip install --quiet -e '.[server]'
+if ! "$PY" -c "import torch, torchvision, zennit, torch_pruning, scipy, pytest, cnp_core" 2>/dev/null; then
+    echo "cnp does not import with $PY: installing it (pip install -e '.[server,dev]')" >&2
+    "$PY" -m pip install --quiet -e '.[server,dev]'
 fi
 "$PY" - <<'PY'
 import torch
