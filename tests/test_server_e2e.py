@@ -210,7 +210,7 @@ def test_pruning_through_the_service_and_the_model_in_mlflow(
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.digest == report.proto.dataset_digest[:36]
     stored = [a.path for a in _walk(mlflow, run_id)]
-    assert "audit_table.json" in stored and "model/MLmodel" in stored
+    assert {"audit_table.json", "model/MLmodel", "model_onnx/MLmodel"} <= set(stored)
     assert any(p.startswith("images/") for p in stored)  # heatmaps in MLflow's image view
     pt2 = next(p for p in stored if p.endswith("model.pt2"))
     again = torch.export.load(mlflow.download_artifacts(run_id, pt2, str(tmp_path))).module()
