@@ -251,7 +251,12 @@ SPEC_FLAGS: tuple[SpecFlag, ...] = (
     ),
     _flag("--heatmap-samples", "heatmap_samples", type=int, metavar="N", help="0: no heatmaps"),
     _flag("--batch-size", "batch_size", type=int, metavar="N", help="images per batch"),
-    _flag("--device", "device", metavar="cpu|cuda[:N]", help="where the job runs"),
+    _flag(
+        "--device",
+        "device",
+        metavar="auto|cpu|cuda[:N]",
+        help="where the job computes; auto: the server's choice, its GPU when it has one",
+    ),
     _flag("--seed", "seed", type=int, metavar="N", help="random seed"),
     # --prune turns pruning on (and picks the method); the other prune.* flags need it.
     _flag(

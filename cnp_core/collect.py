@@ -1,7 +1,9 @@
 """Streaming passes over a dataset: instances to fit subspaces, and per-image subspace relevance.
 
 Memory is bounded by the instance budget (positions per image x fit images), never by
-the dataset size: the second pass keeps only K numbers per image and basis.
+the dataset size: the second pass keeps only K numbers per image and basis. On a GPU each
+loader batch runs in chunks sized to the free memory, halved once if it runs out
+(:class:`~cnp_core.devices.BatchRunner`); rows depend on the image, not on the chunk.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from .audit import subspace_relevance
+from .devices import BatchRunner
 from .errors import Cancelled
 from .lrp import Explainer
 from .stages import StepCallback
@@ -75,13 +78,26 @@ def collect_instances(
 ) -> dict[str, Instances]:
     """Activations and contexts at every tapped layer, explaining class ``target``."""
     parts: dict[str, list] = {name: [] for name in explainer.taps}
-    for images, ids in _batches(loader, cancelled, progress):
+    runner = BatchRunner(
+        explainer.device, "collecting activations and LRP contexts", fit_memory=True
+    )
+
+    def sample(images: torch.Tensor, ids: torch.Tensor) -> dict[str, tuple]:
         out = explainer.explain(images, torch.full((len(ids),), target), input_relevance=False)
-        for name in parts:
-            a, c = sample_positions(
-                out.activations[name], out.contexts[name], ids.tolist(), per_image, seed
+        return {
+            name: (
+                *sample_positions(
+                    out.activations[name], out.contexts[name], ids.tolist(), per_image, seed
+                ),
+                np.repeat(ids.numpy(), per_image),
             )
-            parts[name].append((a, c, np.repeat(ids.numpy(), per_image)))
+            for name in parts
+        }
+
+    for images, ids in _batches(loader, cancelled, progress):
+        for sampled in runner.map(sample, images, ids):
+            for name, rows in sampled.items():
+                parts[name].append(rows)
     return {
         name: Instances(*(np.concatenate(column) for column in zip(*chunks, strict=True)))
         for name, chunks in parts.items()
@@ -112,26 +128,39 @@ def collect_relevance(
     progress: StepCallback | None = None,
 ) -> ScoredImages:
     """R_k(x) over all positions for every basis of every layer, explaining ``target``."""
-    ids, logits = [], []
-    totals: dict[str, list] = {layer: [] for layer in bases}
-    relevance: dict[tuple[str, int], list] = {
-        (layer, j): [] for layer, items in bases.items() for j in range(len(items))
-    }
-    for images, batch_ids in _batches(loader, cancelled, progress):
-        out = explainer.explain(
-            images, torch.full((len(batch_ids),), target), input_relevance=False
+    runner = BatchRunner(explainer.device, "scoring images", fit_memory=True)
+
+    def score(images: torch.Tensor, ids: torch.Tensor) -> ScoredImages:
+        out = explainer.explain(images, torch.full((len(ids),), target), input_relevance=False)
+        a, c = out.activations, out.contexts
+        return ScoredImages(
+            image_ids=ids.numpy(),
+            logits=out.logits.cpu().numpy(),
+            relevance={
+                (layer, j): subspace_relevance(a[layer], c[layer], basis)
+                for layer, items in bases.items()
+                for j, basis in enumerate(items)
+            },
+            totals={
+                layer: (a[layer] * c[layer]).reshape(len(ids), -1).sum(1).double().cpu().numpy()
+                for layer in bases
+            },
         )
-        ids.append(batch_ids.numpy())
-        logits.append(out.logits.cpu().numpy())
-        for layer, chunks in totals.items():
-            r = out.activations[layer] * out.contexts[layer]
-            chunks.append(r.reshape(len(r), -1).sum(1).double().cpu().numpy())
-        for (layer, j), chunks in relevance.items():
-            a, c = out.activations[layer], out.contexts[layer]
-            chunks.append(subspace_relevance(a, c, bases[layer][j]))
+
+    chunks = [
+        scored
+        for images, ids in _batches(loader, cancelled, progress)
+        for scored in runner.map(score, images, ids)
+    ]
     return ScoredImages(
-        image_ids=np.concatenate(ids),
-        logits=np.concatenate(logits),
-        relevance={key: np.concatenate(chunks) for key, chunks in relevance.items()},
-        totals={layer: np.concatenate(chunks) for layer, chunks in totals.items()},
+        image_ids=np.concatenate([chunk.image_ids for chunk in chunks]),
+        logits=np.concatenate([chunk.logits for chunk in chunks]),
+        relevance={
+            (layer, j): np.concatenate([chunk.relevance[(layer, j)] for chunk in chunks])
+            for layer, items in bases.items()
+            for j in range(len(items))
+        },
+        totals={
+            layer: np.concatenate([chunk.totals[layer] for chunk in chunks]) for layer in bases
+        },
     )

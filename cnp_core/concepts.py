@@ -26,6 +26,7 @@ import torch
 from .audit import AuditSamples, Candidate, audit_attribute
 from .collect import Instances, ScoredImages, collect_instances, collect_relevance
 from .data import ImageDataset, ImageTable, SplitRows, make_loader
+from .devices import compute_device
 from .errors import Cancelled, DatasetError
 from .lrp import Explainer
 from .methods import ConceptMethod, concept_method, fit_subspaces
@@ -142,7 +143,8 @@ def learn_concepts(
         )
         raise DatasetError(f"no training images of {positive} to fit subspaces on")
     composite = context_composite(spec)
-    with Explainer(model, spec.layers, composite, device=spec.device) as explainer:
+    device = compute_device(spec.device)
+    with Explainer(model, spec.layers, composite, device=device) as explainer:
         instances = collect_instances(
             explainer,
             loader(fit_rows),
@@ -157,7 +159,7 @@ def learn_concepts(
         concepts = [
             concept
             for layer, found in instances.items()
-            for concept in _fit(spec, method, table, layer, found, cancelled)
+            for concept in _fit(spec, method, table, layer, found, device, cancelled)
         ]
 
         stage("score", "scoring validation and test images")
@@ -181,6 +183,7 @@ def _fit(
     table: ImageTable,
     layer: str,
     found: Instances,
+    device: torch.device,
     cancelled: Callable[[], bool] | None,
 ) -> list[FittedConcept]:
     """Unsupervised: one basis per K on the instances. Supervised: one direction per
@@ -209,7 +212,7 @@ def _fit(
             found.contexts,
             k,
             spec.seed,
-            device=spec.device,
+            device=device,
             restarts=spec.drsa_restarts,
             max_epochs=spec.drsa_max_epochs,
             tol=DRSA_AUDIT_TOL,

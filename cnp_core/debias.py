@@ -18,6 +18,7 @@ from torch import nn
 
 from .concepts import ConceptAudit, learn_concepts
 from .data import ImageDataset, ImageTable, LabelledImages, SplitRows, make_loader
+from .devices import compute_device
 from .errors import InvalidSpec, LayerError, NoFlaggedSubspace
 from .pruning.criteria import pruning_criterion
 from .pruning.projection import Projection, projection_readers
@@ -115,7 +116,7 @@ def debias(
         keep_projection=spec.prune.keep_projection,
         layer=projection.layer if projection is not None else spec.layers[0],
         batch_size=spec.batch_size,
-        device=spec.device,
+        device=compute_device(spec.device),
         seed=spec.seed,
         progress=progress,
         cancelled=cancelled,

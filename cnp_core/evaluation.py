@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .data import ImageDataset, make_loader
+from .devices import BatchRunner, compute_device
 from .errors import GroupTooSmall, InvalidSpec
 from .metrics import accuracy, balanced_accuracy
 from .results import Evaluation, GroupMetric, Metric, class_label, class_name
@@ -35,15 +36,21 @@ def predict(
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Predicted class per sample, in order. ``data``: an image tensor, or batches whose
-    first element is the images (a DataLoader over (image, label, ...) without shuffling)."""
+    first element is the images (a DataLoader over (image, label, ...) without shuffling).
+    A batch that runs out of GPU memory is predicted in halves (:class:`BatchRunner`)."""
     if isinstance(data, torch.Tensor):
         data = torch.split(data, batch_size)
     model = model.to(device).eval()
+    runner = BatchRunner(device, "evaluating the model")
+
+    def classes(images: torch.Tensor) -> np.ndarray:
+        return model(images.to(device)).argmax(1).cpu().numpy()
+
     out = []
     with torch.inference_mode():
         for batch in data:
             images = batch if isinstance(batch, torch.Tensor) else batch[0]
-            out.append(model(images.to(device)).argmax(1).cpu().numpy())
+            out.extend(runner.map(classes, images))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -188,9 +195,10 @@ def metric_row(metric: Metric) -> str:
     return f"{metric.value:.3f} [{metric.ci_low:.3f}, {metric.ci_high:.3f}]"
 
 
-def evaluate_table(model: nn.Module, table, indices, spec, device: str = "cpu") -> Evaluation:
+def evaluate_table(model: nn.Module, table, indices, spec) -> Evaluation:
     """:func:`evaluate` on rows ``indices`` of an ImageTable, with the audit spec's groups
-    (its attributes), bootstrap, seed and minimum group size (the pipeline's entry point)."""
+    (its attributes), bootstrap, seed, minimum group size and device (the pipeline's entry
+    point)."""
 
     indices = np.asarray(indices)
     dataset = ImageDataset(table, indices, spec.dataset)
@@ -204,6 +212,6 @@ def evaluate_table(model: nn.Module, table, indices, spec, device: str = "cpu") 
         seed=spec.seed,
         min_group_size=spec.min_group_size,
         batch_size=spec.batch_size,
-        device=device,
+        device=compute_device(spec.device),
         class_names=table.class_names,
     )

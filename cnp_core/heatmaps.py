@@ -6,6 +6,7 @@ LRP heatmap, because LRP below L is linear in the relevance handed to it.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,7 @@ import torch  # noqa: E402
 
 from .concepts import ConceptAudit, context_composite  # noqa: E402
 from .data import ImageDataset, ImageTable, SplitRows  # noqa: E402
+from .devices import BatchRunner, compute_device  # noqa: E402
 from .lrp import Explainer  # noqa: E402
 from .paths import file_stem, inside  # noqa: E402
 from .results import class_label, class_name
@@ -91,7 +93,9 @@ def audit_heatmaps(
         return artifacts
     mean = torch.tensor(spec.dataset.mean)[:, None, None]
     std = torch.tensor(spec.dataset.std)[:, None, None]
-    with Explainer(model, spec.layers, context_composite(spec), device=spec.device) as explainer:
+    device = compute_device(spec.device)
+    runner = BatchRunner(device, "rendering heatmaps")
+    with Explainer(model, spec.layers, context_composite(spec), device=device) as explainer:
         for audit in concepts.audits:
             present = dict(table.audited_values(audit.attribute))[audit.value]
             chosen = [i for i in splits.test if present[i]][: spec.heatmap_samples]
@@ -99,7 +103,14 @@ def audit_heatmaps(
                 continue
             images = ImageDataset(table, np.array(chosen), spec.dataset).stack()
             basis = concepts.concept_of(audit).basis.basis
-            maps = subspace_heatmaps(explainer, images, spec.positive_class, audit.layer, basis)
+            draw = partial(
+                subspace_heatmaps,
+                explainer,
+                target=spec.positive_class,
+                layer=audit.layer,
+                basis=basis,
+            )
+            maps = np.concatenate(list(runner.map(draw, images)))
             shown = (images * std + mean).permute(0, 2, 3, 1).numpy()
             captions = [
                 class_label(

@@ -387,30 +387,37 @@ class Explainer:
             tap.leaves = leaves if layer_only else None
         # Layer-only: grad is off until the first tap switches it on (see LayerTap.hook);
         # the context manager restores the caller's mode whatever happened inside.
-        with torch.set_grad_enabled(not layer_only):
-            logits = self.model(images)
+        try:
+            with torch.set_grad_enabled(not layer_only):
+                logits = self.model(images)
+                if not self._consumers_found:
+                    self._find_consumers()
+                if not logits.requires_grad:
+                    raise LayerError("no tapped layer was reached by the forward pass")
+                # The explained quantity is the target logit itself (zennit starts from the
+                # gradient it is handed, which here is the initial relevance); plain
+                # gradients start from 1, so that a * grad sums to about the logit.
+                start = torch.zeros_like(logits)
+                rows = torch.arange(len(targets), device=self.device)
+                picked = targets.to(self.device)
+                initial = (
+                    logits.detach() if self._composite is not None else torch.ones_like(logits)
+                )
+                start[rows, picked] = initial[rows, picked]
+                grads = torch.autograd.grad(logits, leaves, start, allow_unused=layer_only)
+            return Explanation(
+                logits=logits.detach(),
+                activations={name: tap.activation for name, tap in self.taps.items()},
+                contexts={name: tap.context for name, tap in self.taps.items()},
+                input_relevance=None if layer_only or not input_relevance else grads[0].detach(),
+            )
+        finally:
+            # Also after a failure (a GPU out of memory, retried smaller): the taps and the
+            # first pass's graph nodes would hold the failed batch's tensors.
+            for tap in self.taps.values():
+                tap.activation = tap.context = tap.node = tap.transform = tap.leaves = None
             if not self._consumers_found:
-                self._find_consumers()
-            if not logits.requires_grad:
-                raise LayerError("no tapped layer was reached by the forward pass")
-            # The explained quantity is the target logit itself (zennit starts from the
-            # gradient it is handed, which here is the initial relevance); plain
-            # gradients start from 1, so that a * grad sums to about the logit.
-            start = torch.zeros_like(logits)
-            rows = torch.arange(len(targets), device=self.device)
-            picked = targets.to(self.device)
-            initial = logits.detach() if self._composite is not None else torch.ones_like(logits)
-            start[rows, picked] = initial[rows, picked]
-            grads = torch.autograd.grad(logits, leaves, start, allow_unused=layer_only)
-        explanation = Explanation(
-            logits=logits.detach(),
-            activations={name: tap.activation for name, tap in self.taps.items()},
-            contexts={name: tap.context for name, tap in self.taps.items()},
-            input_relevance=None if layer_only or not input_relevance else grads[0].detach(),
-        )
-        for tap in self.taps.values():
-            tap.activation = tap.context = tap.node = tap.transform = tap.leaves = None
-        return explanation
+                self._inputs.clear()
 
 
 def _unknown_layer_message(name: str, valid: list[str]) -> str:

@@ -22,6 +22,7 @@ from .architectures import check_name, layer_of
 from .concepts import context_composite, learn_concepts
 from .data import ImageTable, SplitRows, load_dataset, split_rows, validate_images
 from .debias import check_prune, concept_to_remove, debias
+from .devices import compute_device, describe_device, gpu_memory_errors
 from .errors import DatasetError, ModelError
 from .evaluation import evaluate_table
 from .export import save_pruned
@@ -118,7 +119,11 @@ def run_audit(
     cancelled: Callable[[], bool] | None = None,
     allowed_roots: Sequence[Path] | None = None,
 ) -> AuditResult:
-    """Run one audit (and the optional pruning stage) and write its artifacts to ``workdir``."""
+    """Run one audit (and the optional pruning stage) and write its artifacts to ``workdir``.
+
+    The report's spec keeps the device as asked ("auto"); its versions record the device
+    the job computed on (``device``, and on a GPU its name ``gpu`` and ``cuda``).
+    """
     spec.validate()
     run = Stages(progress, cancelled)
     workdir = Path(workdir)
@@ -126,12 +131,30 @@ def run_audit(
     torch.manual_seed(spec.seed)
 
     run.stage("load", "loading model and dataset")
+    device = compute_device(spec.device)  # a device this worker lacks fails the job here
+    with gpu_memory_errors(device):
+        result = _audit(spec, run, workdir, allowed_roots)
+    result.versions |= describe_device(device)
+
+    run.stage("report", "writing the report")
+    result.timings = run.timings
+    write_report(result, workdir)
+    run.finish()
+    result.timings = run.timings
+    write_report(result, workdir)  # again, with the report stage's own timing
+    return result
+
+
+def _audit(
+    spec: AuditSpec, run: Stages, workdir: Path, allowed_roots: Sequence[Path] | None
+) -> AuditResult:
+    """The stages from loading to pruning; the stages compute on ``spec.device``."""
     model, table, splits = _load(spec, allowed_roots)
     check_prune(model, spec)  # before the audit: a pruning stage that cannot run fails now
     validate_images(table)
 
     run.stage("evaluate", "evaluating the model per group")
-    before = evaluate_table(model, table, splits.test, spec, device=spec.device)
+    before = evaluate_table(model, table, splits.test, spec)
 
     concepts = learn_concepts(
         model, table, splits, spec, stage=run.stage, within=run.within, cancelled=run.cancelled
@@ -162,14 +185,7 @@ def run_audit(
             cancelled=run.cancelled,
         )
         run.within(0.85, "evaluating the pruned model")
-        result.after = evaluate_table(outcome.compact, table, splits.test, spec, device=spec.device)
+        result.after = evaluate_table(outcome.compact, table, splits.test, spec)
         result.pruning = outcome.summary
         result.artifacts |= save_pruned(outcome, workdir / "pruned", spec)
-
-    run.stage("report", "writing the report")
-    result.timings = run.timings
-    write_report(result, workdir)
-    run.finish()
-    result.timings = run.timings
-    write_report(result, workdir)  # again, with the report stage's own timing
     return result

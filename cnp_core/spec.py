@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .devices import AUTO, parse_device
 from .errors import CnpError, InvalidSpec
 from .methods import CONCEPT_METHODS as _CONCEPT_REGISTRY
 from .paths import listing
@@ -223,8 +224,10 @@ class AuditSpec:
     bootstrap: int = 200  # resamples for confidence intervals; 0 disables them
     min_group_size: int = 10
     heatmap_samples: int = 4
-    batch_size: int = 32
-    device: str = "cpu"
+    batch_size: int = 32  # at most: a GPU pass that runs out of memory halves it once
+    # "auto": the server's choice, the job's GPU when its worker has one, else the CPU;
+    # "cpu" or "cuda[:N]" is honoured, or refused when the server has no such device.
+    device: str = AUTO
     seed: int = 1
     prune: PruneSpec | None = None
 
@@ -294,10 +297,10 @@ class AuditSpec:
             raise InvalidSpec("flag_threshold must lie in (0, 1]", field="flag_threshold")
         _check_bounds(self, AUDIT_BOUNDS)
         _check_bounds(self.dataset, {"max_pixels": (1, 1 << 30)}, "dataset.")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise InvalidSpec(
-                f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}", field="device"
-            )
+        try:
+            parse_device(self.device)
+        except ValueError as err:
+            raise InvalidSpec(str(err), field="device") from None
         if self.prune is not None:
             self.prune.validate(self.attributes)
         return self

@@ -23,9 +23,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from cnp_core.devices import DeviceUnavailable, device_names, parse_device, visible_gpus
 from cnp_core.errors import InvalidSpec
 from cnp_core.results import AuditResult
-from cnp_core.spec import CONCEPT_METHODS, PRUNE_METHODS, SCHEDULES, SCORES, AuditSpec
+from cnp_core.spec import (
+    CONCEPT_METHODS,
+    PRUNE_METHODS,
+    SCHEDULES,
+    SCORES,
+    AuditSpec,
+)
 
 from . import registry
 from .config import ServerConfig
@@ -54,11 +61,39 @@ def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
+def check_device(spec: AuditSpec, config: ServerConfig) -> None:
+    """An explicit CUDA device the server's jobs can have; "auto" and "cpu" always pass.
+
+    Every job runs on one GPU at most, which its worker sees as ``cuda:0`` (the local
+    executor pins each slot to one with CUDA_VISIBLE_DEVICES; a Ray job asks for one).
+    The local executor has a GPU when ``gpus`` lists some or torch sees some here; a Ray
+    cluster's GPUs are not known here, so there the worker refuses a job whose actor got
+    none."""
+    kind, index = parse_device(spec.device)
+    if kind != "cuda":
+        return
+    if config.executor == "local" and not (config.gpus or visible_gpus()):
+        raise DeviceUnavailable(
+            f"device {spec.device!r}: this server has no GPU, so its jobs run on cpu; use "
+            "device 'auto' (the server's choice) or 'cpu', or submit to a server with GPUs",
+            field="device",
+        )
+    if index:
+        raise DeviceUnavailable(
+            f"device {spec.device!r}: each job on this server runs on one GPU, which it sees "
+            f"as cuda:0 (a job's devices: {', '.join(device_names(1))}); use device 'auto' "
+            "(the server's choice), 'cuda' or 'cuda:0'",
+            field="device",
+        )
+
+
 def check_references(spec: AuditSpec, config: ServerConfig) -> None:
     """What the operator allows, checked without importing or reading anything a request
     names: a factory only when listed in ``allow_factories``; weights and dataset paths
     absolute and under an allowed root (symlinks resolved first, so a link inside a root
-    that points outside is refused); a weights file no larger than ``max_weights_bytes``."""
+    that points outside is refused); a weights file no larger than ``max_weights_bytes``;
+    a device the server's jobs have (:func:`check_device`)."""
+    check_device(spec, config)
     factory = spec.model.factory.strip()
     if factory and factory not in config.allow_factories:
         raise FactoryNotAllowed(

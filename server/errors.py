@@ -274,6 +274,8 @@ def _describe_known(exc: CnpError) -> Failure:
     spec_field = getattr(exc, "field", "")
     request_field = getattr(exc, "request_field", "")
     retry_after = getattr(exc, "retry_after", None)
+    if retry_after is None and getattr(exc, "retryable", True):
+        retry_after = _DEFAULT_RETRY_SECONDS.get(code)
     return Failure(
         code=code,
         message=str(exc) or type(exc).__name__,
@@ -281,7 +283,7 @@ def _describe_known(exc: CnpError) -> Failure:
         # The engine names spec fields (prune.rate); the request holds the spec in `spec`.
         field_path=f"spec.{spec_field}" if spec_field else request_field,
         metadata=dict(getattr(exc, "metadata", {})),
-        retry_after=retry_after if retry_after is not None else _DEFAULT_RETRY_SECONDS.get(code),
+        retry_after=retry_after,
     )
 
 

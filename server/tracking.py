@@ -367,6 +367,10 @@ class RunLogger:
         if report is not None:
             tags["cnp.model_sha256"] = report.model_sha256
             tags["cnp.dataset_digest"] = report.dataset_digest
+            # What the job computed on (the spec may say "auto"), and which GPU.
+            for key in ("device", "gpu"):
+                if report.versions.get(key):
+                    tags[f"cnp.{key}"] = report.versions[key]
             if report.HasField("model_source"):
                 source = report.model_source
                 tags["cnp.model_source"] = (

@@ -14,7 +14,7 @@ vanilla LRP pruning.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from zennit.composites import LayerMapComposite, MixedComposite
 from zennit.rules import Epsilon
 
+from ..devices import BatchRunner
 from ..errors import InvalidSpec, LayerError
 from ..lrp import attribution_copy, make_composite
 from .layers import scored_layers
@@ -62,10 +63,6 @@ def _width(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def _batches(n: int, size: int) -> Iterable[slice]:
-    return (slice(i, min(i + size, n)) for i in range(0, n, size))
-
-
 def filter_scores(
     model: nn.Module,
     images: torch.Tensor,
@@ -100,6 +97,7 @@ def filter_scores(
         insert_projection(clone, projection)
         layer = dict(clone.named_modules())[projection.layer][0]
     scores = {name: torch.zeros(_width(m), dtype=torch.float64) for name, m in watched.items()}
+    found: dict[str, torch.Tensor] = {}  # the scores of the chunk being explained
     calls = [0]
 
     def recorder(name: str):
@@ -110,7 +108,7 @@ def filter_scores(
                 relevance = relevance.movedim(-1, 1)
             dims = tuple(range(2, relevance.dim()))
             per_image = relevance.sum(dim=dims) if dims else relevance
-            scores[name] += per_image.abs().sum(0).double().cpu()
+            found[name] = found.get(name, 0) + per_image.abs().sum(0).double().cpu()
 
         def hook(module, inputs, output):
             return _Relevance.apply(output, sink)
@@ -125,24 +123,34 @@ def filter_scores(
                 f"{projection.dim}-dimensional projection cannot follow"
             )
 
+    def explain(x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The scores of one chunk (the sinks fill ``found``; a failed chunk's are dropped)."""
+        found.clear()
+        x = x.to(device).requires_grad_(True)
+        calls[0] = 0
+        with torch.enable_grad():
+            logits = clone(x)
+            if projection is not None and calls[0] != 1:
+                raise LayerError(
+                    f"layer {projection.layer!r} runs {calls[0]} times per forward pass "
+                    "(a shared module, e.g. a ResNet's ReLU): project after a block output"
+                )
+            start = nn.functional.one_hot(target.to(device), logits.shape[1])
+            torch.autograd.grad(logits, x, start.to(logits.dtype))
+        return dict(found)
+
+    runner = BatchRunner(device, "scoring filters for pruning")
     with composite_for(composite, clone, projection is not None).context(clone):
         # Registered after the composite's hooks: the recorders see the rule-wrapped output.
         handles = [m.register_forward_hook(recorder(name)) for name, m in watched.items()]
         if projection is not None:
             handles.append(layer.register_forward_hook(count))
         try:
-            for part in _batches(len(images), batch_size):
-                x = images[part].to(device).requires_grad_(True)
-                calls[0] = 0
-                with torch.enable_grad():
-                    logits = clone(x)
-                    if projection is not None and calls[0] != 1:
-                        raise LayerError(
-                            f"layer {projection.layer!r} runs {calls[0]} times per forward pass "
-                            "(a shared module, e.g. a ResNet's ReLU): project after a block output"
-                        )
-                    start = nn.functional.one_hot(targets[part].to(device), logits.shape[1])
-                    torch.autograd.grad(logits, x, start.to(logits.dtype))
+            for batch in range(0, len(images), batch_size):
+                part = slice(batch, batch + batch_size)
+                for chunk in runner.map(explain, images[part], targets[part]):
+                    for name, score in chunk.items():
+                        scores[name] += score
         finally:
             for handle in handles:
                 handle.remove()

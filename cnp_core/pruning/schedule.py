@@ -8,10 +8,12 @@ import copy
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
+from ..devices import BatchRunner
 from ..errors import Cancelled, InvalidSpec, NoFlaggedSubspace
 from ..results import PruningSummary
 from ..spec import PruneSpec
@@ -38,25 +40,39 @@ def finetune(
     cancelled: Callable[[], bool] | None = None,
 ) -> list[float]:
     """Adam on cross-entropy over ``loader`` batches (images, labels, ...), in place; pruned
-    channels are re-zeroed after every step so they stay dead. Returns the mean loss per epoch."""
+    channels are re-zeroed after every step so they stay dead. Returns the mean loss per epoch.
+
+    A batch that runs out of GPU memory is run in halves whose gradients add up to the
+    batch's (one optimiser step per batch still; BatchNorm then sees half batches)."""
     torch.manual_seed(seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=learning_rate)
+    runner = BatchRunner(device, "fine-tuning the pruned model")
+
+    def gradients(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[float, list]:
+        """This chunk's share of the batch's mean loss and its gradients (not yet applied)."""
+        loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device)) * (len(y) / n)
+        return float(loss.detach()), torch.autograd.grad(loss, params, allow_unused=True)
+
     losses = []
     for _ in range(epochs):
         total, count = 0.0, 0
         for batch in loader:
             if cancelled is not None and cancelled():
                 raise Cancelled("the job was cancelled")
-            x, y = batch[0].to(device), batch[1].to(device)
+            x, y = batch[0], batch[1]
             optimiser.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
+            loss = 0.0
+            for part_loss, grads in runner.map(partial(gradients, n=len(y)), x, y):
+                loss += part_loss
+                for param, grad in zip(params, grads, strict=True):
+                    if grad is not None:
+                        param.grad = grad if param.grad is None else param.grad + grad
             optimiser.step()
             if zeroed:
                 mask_channels(model, zeroed)
-            total, count = total + float(loss.detach()) * len(y), count + len(y)
+            total, count = total + loss * len(y), count + len(y)
         losses.append(total / max(count, 1))
     return losses
 
