@@ -27,7 +27,7 @@ from cnp.v1 import service_pb2_grpc
 
 from . import __version__, logs
 from .auth import BearerTokenInterceptor, ensure_token
-from .config import ConfigError, ServerConfig, load_config
+from .config import ConfigError, ServerConfig, load_config, mask_url
 from .engine import load_engine
 from .executor import make_executor
 from .service import (
@@ -65,6 +65,31 @@ def _bind(
     return port
 
 
+def _open_store(url: str) -> JobStore:
+    """The job store, its schema migrated; ConfigError (a clear line, exit 2) when the
+    database cannot be reached or refuses us."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .migrations import NewerSchema
+
+    try:
+        return JobStore(url, migrate=True)
+    except NewerSchema as err:
+        raise ConfigError(str(err)) from None
+    except SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise ConfigError(f"cannot open the job store at {mask_url(url)}: {reason}") from None
+
+
+def _remove_if_ours(info: Path) -> None:
+    """Remove server.json unless another replica sharing the data directory wrote it since."""
+    try:
+        if json.loads(info.read_text()).get("pid") == os.getpid():
+            info.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 class Application:
     """The running service; ``start()`` returns the bound port, ``stop()`` drains and stops."""
 
@@ -79,7 +104,7 @@ class Application:
         c.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         c.jobs_path.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir()
-        self.store = JobStore(c.effective_database_url)
+        self.store = _open_store(c.effective_database_url)
         for audit_id, state in self.store.recover(max_attempts=c.max_attempts, owner=c.node_id):
             log.warning("job %s was running when this node stopped: now %s", audit_id, state)
         self.engine = load_engine(c.engine)
@@ -161,7 +186,7 @@ class Application:
         self.address = f"{c.listen.rsplit(':', 1)[0]}:{self.port}"
         self.health_address = f"{c.effective_health_listen.rsplit(':', 1)[0]}:{health_port}"
         # Written whole, then renamed: a client polling for it never reads half a file.
-        info = c.data_path / "server.json.tmp"
+        info = c.data_path / f"server.json.{os.getpid()}.tmp"  # replicas may share data_dir
         info.write_text(
             json.dumps(
                 {
@@ -208,7 +233,7 @@ class Application:
         if self.health_server is not None:  # last: probes see NOT_SERVING until the end
             self.health_server.stop(grace=1.0).wait()
         self.store.close()
-        (self.config.data_path / "server.json").unlink(missing_ok=True)
+        _remove_if_ours(self.config.data_path / "server.json")
         log.info("stopped")
 
 

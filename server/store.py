@@ -3,12 +3,18 @@
 Every state change is one conditional UPDATE, so concurrent writers (the server's
 threads, worker processes, other replicas) cannot step on each other: a worker's writes
 carry its attempt number and are ignored once the job was re-queued or finished; a
-job is claimed by ``UPDATE ... WHERE state = 'QUEUED'``.
+job is claimed by ``UPDATE ... WHERE state = 'QUEUED'`` on a row that PostgreSQL locked
+for this claimer (``FOR UPDATE SKIP LOCKED``), so replicas claiming at once take
+different jobs.
+
+The schema is Alembic's (``cnp_server.migrations``): the server migrates the store as it
+starts (``JobStore(url, migrate=True)``); a worker's store only uses the tables.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -17,7 +23,6 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
-    Column,
     Float,
     Integer,
     LargeBinary,
@@ -27,7 +32,6 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    inspect,
     select,
     update,
 )
@@ -48,6 +52,13 @@ from .jobs import (
     JobRecord,
 )
 
+log = logging.getLogger(__name__)
+
+# Longest request id a job keeps (the column's length; SQLite would not enforce it).
+MAX_REQUEST_ID = 256
+# PostgreSQL advisory lock taken while a job is counted into the queue: "cnpqueue".
+QUEUE_LOCK_KEY = int.from_bytes(b"cnpqueue", "big")
+
 
 class Base(DeclarativeBase):
     pass
@@ -58,7 +69,9 @@ class JobRow(Base):
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    request_id: Mapped[str | None] = mapped_column(String(256), unique=True, nullable=True)
+    request_id: Mapped[str | None] = mapped_column(
+        String(MAX_REQUEST_ID), unique=True, nullable=True
+    )
     state: Mapped[str] = mapped_column(String(16), index=True)
     stage: Mapped[str] = mapped_column(String(64), default="")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
@@ -81,7 +94,7 @@ class JobRow(Base):
     tracking_state: Mapped[str] = mapped_column(String(16), default="", index=True)
     tracking_error: Mapped[str] = mapped_column(Text, default="")
     tracking_attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # Added after the first release: a store created before gets them on start-up.
+    # Added after the first release (migration 0002).
     tracking_json: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
     mlflow_experiment_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
     error_details: Mapped[str] = mapped_column(Text, default="", server_default="")
@@ -113,29 +126,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def add_missing_columns(engine: Engine) -> list[str]:
-    """Bring a store created by an older release up to this schema (Alembic's operations).
-
-    Columns are only ever added, each with a server default, so an older server reading
-    the same table keeps working; returns the names added.
-    """
-    with engine.connect() as connection:
-        present = {c["name"] for c in inspect(connection).get_columns(JobRow.__tablename__)}
-    missing = [c for c in JobRow.__table__.columns if c.name not in present]
-    if missing:  # Alembic only then: it is slow to import and logs as it starts
-        from alembic.migration import MigrationContext
-        from alembic.operations import Operations
-
-        with engine.begin() as connection:
-            operations = Operations(MigrationContext.configure(connection))
-            for column in missing:
-                operations.add_column(
-                    JobRow.__tablename__,
-                    Column(column.name, column.type, server_default=column.server_default.arg),
-                )
-    return [c.name for c in missing]
-
-
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -147,11 +137,19 @@ def make_engine(url: str) -> Engine:
 class JobStore:
     """All reads and writes of job rows. Safe to use from several threads and processes."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, migrate: bool = False) -> None:
+        """``migrate``: bring the schema to the newest revision first (the server, as it
+        starts); without it the tables must be there (a worker: no Alembic to import)."""
         self.url = url
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
-        add_missing_columns(self.engine)
+        if migrate:
+            from .migrations import upgrade_to_head
+
+            try:
+                log.info("%s", upgrade_to_head(self.engine))
+            except BaseException:
+                self.engine.dispose()
+                raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -185,6 +183,11 @@ class JobStore:
         Raises QueueFull when ``max_queued`` jobs already wait. A concurrent insert with
         the same request id loses the race and gets the winner's job back.
         """
+        if request_id and len(request_id) > MAX_REQUEST_ID:
+            raise BadRequest(
+                f"request_id is {len(request_id)} characters long; at most {MAX_REQUEST_ID}",
+                request_field="request_id",
+            )
         now = time.time()
         row = JobRow(
             id=new_audit_id(),
@@ -202,6 +205,11 @@ class JobStore:
         try:
             with self._session() as session:
                 if max_queued is not None and not error:
+                    if self.engine.dialect.name == "postgresql":
+                        # Replicas count and insert one at a time (until the commit), or
+                        # all could count the same jobs and pass the bound together. One
+                        # SQLite store has one server, whose service already does this.
+                        session.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
                     waiting = session.scalar(
                         select(func.count()).select_from(JobRow).where(JobRow.state == QUEUED)
                     )
@@ -265,28 +273,39 @@ class JobStore:
         """Move the oldest QUEUED job to RUNNING for ``owner`` (attempt + 1); None if none."""
         while True:
             with self._session() as session:
+                # PostgreSQL locks the row for this transaction and other claimers skip
+                # it, so replicas claiming at once take different jobs instead of queueing
+                # on one row. SQLite has no row locks (it writes one at a time): there the
+                # state condition below decides, and the loser tries the next job.
                 candidate = session.scalar(
-                    select(JobRow.id).where(JobRow.state == QUEUED).order_by(JobRow.seq).limit(1)
+                    select(JobRow.id)
+                    .where(JobRow.state == QUEUED)
+                    .order_by(JobRow.seq)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
                 )
-            if candidate is None:
-                return None
-            now = time.time()
-            claimed = self._update(
-                JobRow.id == candidate,
-                JobRow.state == QUEUED,
-                state=RUNNING,
-                attempts=JobRow.attempts + 1,
-                owner=owner,
-                stage="starting",
-                progress=0.0,
-                message="starting a worker",
-                tracking_state=TRACKING_PENDING,  # its MLflow run opens as it starts
-                started_at=now,
-                stage_started_at=now,
-                heartbeat_at=now,
-            )
-            if claimed:
-                return self.get(candidate)
+                if candidate is None:
+                    return None
+                now = time.time()
+                claimed = session.execute(
+                    update(JobRow)
+                    .where(JobRow.id == candidate, JobRow.state == QUEUED)
+                    .values(
+                        state=RUNNING,
+                        attempts=JobRow.attempts + 1,
+                        owner=owner,
+                        stage="starting",
+                        progress=0.0,
+                        message="starting a worker",
+                        tracking_state=TRACKING_PENDING,  # its MLflow run opens as it starts
+                        started_at=now,
+                        stage_started_at=now,
+                        heartbeat_at=now,
+                        updated_at=now,
+                    )
+                ).rowcount
+                if claimed:  # read back, not RETURNING: SQLite's gives 0 for a REAL 0.0
+                    return _record(session.scalar(select(JobRow).where(JobRow.id == candidate)))
 
     def report_progress(
         self,
@@ -332,8 +351,13 @@ class JobStore:
         artifacts_json: str = "{}",
         message: str = "",
         track: bool = True,
+        owner_gone: bool = False,
     ) -> bool:
-        """RUNNING -> a final state; False when the job was not RUNNING that attempt."""
+        """RUNNING -> a final state; False when the job was not RUNNING that attempt.
+
+        ``owner_gone``: the replica that ran it is gone (recovery): the owner is cleared,
+        so that any replica records it in MLflow (a job that ended so has no files).
+        """
         assert state in FINAL_STATES
         conditions = [JobRow.id == audit_id, JobRow.state == RUNNING]
         if attempt is not None:
@@ -342,6 +366,7 @@ class JobStore:
         return bool(
             self._update(
                 *conditions,
+                **({"owner": ""} if owner_gone else {}),
                 state=state,
                 progress=1.0 if state == SUCCEEDED else JobRow.progress,
                 message=message or (error[1] if error else state.lower()),
@@ -428,13 +453,16 @@ class JobStore:
                     row.attempts,
                     CANCELLED,
                     error=("CANCELLED", "cancelled; the server stopped while it ran"),
+                    owner_gone=True,
                 )
                 state = CANCELLED
             elif row.attempts >= max_attempts:
                 error = Aborted(
                     f"the server stopped {row.attempts} times while this job ran; given up"
                 )
-                done = self.finish(row.id, row.attempts, FAILED, error=describe(error).record())
+                done = self.finish(
+                    row.id, row.attempts, FAILED, error=describe(error).record(), owner_gone=True
+                )
                 state = FAILED
             else:
                 done = self.requeue(
@@ -447,12 +475,36 @@ class JobStore:
 
     # --- MLflow record ----------------------------------------------------------------
 
-    def tracking_pending(self) -> list[JobRecord]:
+    def tracking_pending(
+        self, owner: str | None = None, orphaned_before: float | None = None
+    ) -> list[JobRecord]:
+        """Jobs whose MLflow record is due, oldest first. With ``owner`` (a replica's node
+        id) only those it ran, or that no replica ran (cancelled while queued): one
+        tracker at a time writes a job's run, the one beside the job's files. With
+        ``orphaned_before`` also the final jobs of any owner that ended before then: the
+        replica that ran them is gone (a new pod has a new node id), and the files are on
+        the volume the replicas share."""
+        query = select(JobRow).where(JobRow.tracking_state == TRACKING_PENDING)
+        if owner is not None:
+            mine = JobRow.owner.in_([owner, ""])
+            if orphaned_before is not None:
+                orphaned = JobRow.state.in_(FINAL_STATES) & (JobRow.finished_at < orphaned_before)
+                mine = mine | orphaned
+            query = query.where(mine)
         with self._session() as session:
-            rows = session.scalars(
-                select(JobRow).where(JobRow.tracking_state == TRACKING_PENDING).order_by(JobRow.seq)
-            )
-            return [_record(r) for r in rows]
+            return [_record(r) for r in session.scalars(query.order_by(JobRow.seq))]
+
+    def adopt_run(self, audit_id: str, run_id: str, experiment_id: str) -> str:
+        """Make ``run_id`` the job's MLflow run unless it has one already; returns the job's
+        run. Two trackers that opened a run for one job at once: the first stored wins
+        and the other deletes its own."""
+        self._update(
+            JobRow.id == audit_id,
+            JobRow.mlflow_run_id == "",
+            mlflow_run_id=run_id,
+            mlflow_experiment_id=experiment_id,
+        )
+        return self.get(audit_id).mlflow_run_id
 
     def set_tracking(
         self,

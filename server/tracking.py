@@ -65,6 +65,9 @@ MAX_KEY = 250  # MLflow's limit on metric and param names
 # by default): a store back from an outage receives every record soon after.
 MAX_BACKOFF_FACTOR = 10
 _STOP_AFTER = 3  # consecutive failures in one pass: the tracking store is probably away
+# A final job still unrecorded this many leases after it ended is adopted by any replica:
+# the one that ran it would have recorded it by then unless it is gone.
+ORPHAN_AFTER_LEASES = 2
 
 
 def _part(text: Any) -> str:
@@ -350,8 +353,10 @@ class RunLogger:
                 run_name=job.id,
             )
             run_id = run.info.run_id
-        self.store.set_tracking(job.id, run_id=run_id, experiment_id=experiment)
-        return run_id
+        stored = self.store.adopt_run(job.id, run_id, experiment)
+        if stored != run_id and not found:  # another replica opened the job's run first
+            self.client.delete_run(run_id)
+        return stored
 
     def _tags(self, job: JobRecord, report: report_pb2.AuditReport | None) -> dict[str, str]:
         tags = {
@@ -570,7 +575,12 @@ class Tracker:
         jobs were recorded. A failure postpones that job only; the pass stops after a few
         failures in a row, when the tracking store itself is probably away."""
         logged = failed = 0
-        pending = self.store.tracking_pending()
+        # This replica's jobs (their files are on its disk), and any job whose record
+        # waited long enough that the replica which ran it is probably gone.
+        pending = self.store.tracking_pending(
+            owner=self.config.node_id,
+            orphaned_before=time.time() - ORPHAN_AFTER_LEASES * self.config.lease_seconds,
+        )
         running = {job.id for job in pending if job.state == RUNNING}
         for gone in set(self._live) - running:
             del self._live[gone]

@@ -33,7 +33,7 @@ def _finished_job(store: JobStore, config: ServerConfig, refs: Path, script: str
     """A job that really ran the scripted engine in this process and was stored as done."""
     spec = make_spec(refs, script, prune=prune_spec())
     job = store.create(json.dumps(spec.to_dict()), request_id=f"req-{script or 'ok'}")
-    store.claim_next("here")
+    store.claim_next(config.node_id)
     workdir = config.jobs_path / job.id
     workdir.mkdir()
     result = scripted.run_audit(spec, workdir=workdir)
@@ -48,7 +48,7 @@ def test_logging_twice_duplicates_nothing(tmp_path):
     make_references(refs)
     config = ServerConfig(data_dir=str(tmp_path / "data"))
     config.jobs_path.mkdir(parents=True)
-    store = JobStore(config.effective_database_url)
+    store = JobStore(config.effective_database_url, migrate=True)
     job = _finished_job(store, config, refs)
     logger = RunLogger(config, store)
     run_id = logger.log(job, config.jobs_path / job.id)
@@ -88,9 +88,9 @@ def test_a_failed_job_is_recorded_with_its_error_and_the_tracker_marks_it_done(t
     make_references(refs)
     config = ServerConfig(data_dir=str(tmp_path / "data"))
     config.jobs_path.mkdir(parents=True)
-    store = JobStore(config.effective_database_url)
+    store = JobStore(config.effective_database_url, migrate=True)
     job = store.create(json.dumps(make_spec(refs).to_dict()))
-    store.claim_next("here")
+    store.claim_next(config.node_id)
     store.finish(job.id, 1, FAILED, error=("INVALID_ARGUMENT", "no such layer 'x'"))
     tracker = Tracker(config, store)
     assert tracker.flush() == 1
@@ -117,7 +117,7 @@ def test_a_job_that_cannot_be_recorded_blocks_no_other_and_is_given_up(tmp_path)
         data_dir=str(tmp_path / "data"), tracking_retry_seconds=0.0, tracking_max_attempts=3
     )
     config.jobs_path.mkdir(parents=True)
-    store = JobStore(config.effective_database_url)
+    store = JobStore(config.effective_database_url, migrate=True)
     bad = _finished_job(store, config, refs, "sleep:0")
     store._update(JobRow.id == bad.id, report=b"\xff not a report")  # logging it always fails
     good = _finished_job(store, config, refs)

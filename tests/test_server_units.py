@@ -89,9 +89,18 @@ def test_secrets_are_masked(tmp_path):
 # --- the job store --------------------------------------------------------------------
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """An empty database: a SQLite file, or a fresh database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    postgres = request.getfixturevalue("postgres")
+    return postgres.url(postgres.create_database("store"))
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def store(store_url):
+    s = JobStore(store_url, migrate=True)
     yield s
     s.close()
 
@@ -121,6 +130,11 @@ def test_request_id_is_unique_and_refusals_are_stored(store):
     assert again.id == refused.id
     with pytest.raises(NotFound):
         store.get("aud-missing")
+    # PostgreSQL enforces the column's length (SQLite would keep any): refused alike.
+    with pytest.raises(BadRequest, match="257 characters long; at most 256") as err:
+        store.create("{}", request_id="r" * 257)
+    assert err.value.request_field == "request_id"
+    assert store.create("{}", request_id="r" * 256).request_id == "r" * 256
 
 
 def test_queue_bound(store):
@@ -153,6 +167,9 @@ def test_recover_requeues_cancels_or_gives_up(store):
     assert actions == {jobs[0].id: QUEUED, jobs[1].id: CANCELLED, jobs[2].id: FAILED}
     gave_up = store.get(jobs[2].id)
     assert gave_up.error_code == "ABORTED" and "3 times" in gave_up.error_message
+    # Their replica is gone: any other records them in MLflow.
+    ended = [j.id for j in store.tracking_pending(owner="other-node") if j.done]
+    assert ended == [jobs[1].id, jobs[2].id]
 
 
 def test_recover_stale_heartbeats_only(store):
@@ -181,6 +198,208 @@ def test_list_pages_newest_first(store):
         store.list(page_token="garbage!")
     with pytest.raises(BadRequest):
         store.list(state="SLEEPING")
+
+
+def test_the_queue_bound_holds_for_replicas_creating_at_once(postgres):
+    """Each replica counts the waiting jobs before adding one: counted at once, they
+    must not all slip under the bound. (SQLite: one server per store, which already
+    creates one job at a time.)"""
+    import threading
+
+    store_url = postgres.url(postgres.create_database("bound"))
+    JobStore(store_url, migrate=True).close()
+    creators, bound = 8, 3
+    start = threading.Barrier(creators)
+    outcomes: list[str] = []
+
+    def create() -> None:
+        store = JobStore(store_url)
+        start.wait()
+        try:
+            store.create("{}", max_queued=bound)
+            outcomes.append("queued")
+        except QueueFull:
+            outcomes.append("full")
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=create) for _ in range(creators)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert sorted(outcomes) == ["full"] * (creators - bound) + ["queued"] * bound
+
+
+def test_a_replica_records_the_jobs_it_ran_and_one_run_wins(store):
+    """Replicas share the store, not their disks: each records in MLflow the jobs it ran
+    (and those no replica ran); two runs opened for one job at once: the first stored wins."""
+    mine, theirs, never_ran = store.create("{}"), store.create("{}"), store.create("{}")
+    assert store.claim_next("a").id == mine.id
+    assert store.claim_next("b").id == theirs.id
+    store.request_cancel(never_ran.id)  # cancelled while queued: no owner
+    assert [j.id for j in store.tracking_pending(owner="a")] == [mine.id, never_ran.id]
+    assert [j.id for j in store.tracking_pending(owner="b")] == [theirs.id, never_ran.id]
+    assert len(store.tracking_pending()) == 3
+    assert store.adopt_run(never_ran.id, "run-of-a", "1") == "run-of-a"
+    assert store.adopt_run(never_ran.id, "run-of-b", "1") == "run-of-a"
+    assert store.get(never_ran.id).mlflow_experiment_id == "1"
+
+    # b is gone (a new pod, a new node id): its ended job, unrecorded for long enough, is
+    # adopted by a; a job still running elsewhere never is.
+    store.finish(theirs.id, 1, SUCCEEDED, report=b"", message="done")
+    ended = store.get(theirs.id).finished_at
+    assert theirs.id not in {j.id for j in store.tracking_pending("a", orphaned_before=ended)}
+    late = {j.id for j in store.tracking_pending("c", orphaned_before=ended + 1)}
+    assert late == {theirs.id, never_ran.id}
+
+
+def test_claimers_racing_on_one_queue_each_take_different_jobs(store_url):
+    """Several claimers (threads, each with its own store and connections, as replicas
+    have) empty one queue at once: every job is claimed exactly once, by one owner."""
+    import threading
+
+    seeded = JobStore(store_url, migrate=True)
+    ids = {seeded.create("{}").id for _ in range(60)}
+    claimers = 6
+    start = threading.Barrier(claimers)
+    claimed: dict[str, list[str]] = {}
+
+    def claim_all(owner: str) -> None:
+        store = JobStore(store_url)
+        start.wait()
+        mine = claimed.setdefault(owner, [])
+        while (job := store.claim_next(owner)) is not None:
+            mine.append(job.id)
+        store.close()
+
+    threads = [threading.Thread(target=claim_all, args=(f"n{i}",)) for i in range(claimers)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    every_claim = [audit_id for jobs in claimed.values() for audit_id in jobs]
+    assert sorted(every_claim) == sorted(ids)  # each once, none left behind
+    for owner, jobs in claimed.items():
+        for audit_id in jobs:
+            job = seeded.get(audit_id)
+            assert (job.state, job.attempts, job.owner) == (RUNNING, 1, owner)
+    assert seeded.count(QUEUED) == 0
+    seeded.close()
+
+
+def _schema_changes(url: str) -> list:
+    """What Alembic's autogenerate would change to make the database match JobRow."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from cnp_server.store import Base
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def _revision(url: str) -> str | None:
+    from sqlalchemy import create_engine
+
+    from cnp_server.migrations import current_revision
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return current_revision(connection)
+    finally:
+        engine.dispose()
+
+
+def test_migrations_build_the_schema_the_models_describe(store, store_url):
+    """Migrating an empty database gives exactly JobRow's table (columns, types,
+    nullability, defaults, indexes); 0002 goes down and up again on both databases."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from cnp_server.migrations import _config
+
+    assert _revision(store_url) == "0002"
+    assert _schema_changes(store_url) == []
+    job = store.create("{}", tracking_json='{"experiment": "x"}')
+    with store.engine.begin() as connection:
+        command.downgrade(_config(connection), "0001")
+    with store.engine.connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("jobs")}
+    assert "tracking_json" not in columns and "spec_json" in columns
+    assert _revision(store_url) == "0001"
+    JobStore(store_url, migrate=True).close()
+    assert _revision(store_url) == "0002" and _schema_changes(store_url) == []
+    assert store.get(job.id).tracking_json == "{}"  # the default, for a row from before
+
+
+def test_a_store_migrated_by_a_newer_release_is_refused_clearly(store, store_url):
+    from sqlalchemy import text
+
+    from cnp_server.migrations import NewerSchema
+
+    with store.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0009'"))
+    with pytest.raises(NewerSchema, match="at schema revision 0009, which this release"):
+        JobStore(store_url, migrate=True)
+    assert _revision(store_url) == "0009"  # left as it was
+
+
+def test_replicas_migrating_one_empty_database_at_once_all_succeed(postgres):
+    """Replicas of a new deployment start together: one creates the schema, the others
+    wait for it (an advisory lock) and find it current, instead of failing."""
+    import threading
+
+    url = postgres.url(postgres.create_database("race"))
+    start = threading.Barrier(4)
+    outcomes: list[object] = []
+
+    def open_store() -> None:
+        start.wait()
+        try:
+            JobStore(url, migrate=True).close()
+            outcomes.append("ok")
+        except Exception as exc:  # noqa: BLE001 - the failure is what the test reports
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert outcomes == ["ok"] * 4
+    assert _revision(url) == "0002" and _schema_changes(url) == []
+
+
+def test_a_worker_store_uses_the_tables_without_alembic(tmp_path):
+    """A worker opens the store for every job: it must not migrate, nor pay Alembic's
+    import and log lines. Without the server's migration there are no tables at all."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    script = (
+        "import sys\n"
+        "from sqlalchemy import inspect\n"
+        "from cnp_server.store import JobStore\n"
+        f"store = JobStore({url!r})\n"
+        "print(inspect(store.engine).get_table_names(), 'alembic' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.split() == ["[]", "False"], done.stderr
+    JobStore(url, migrate=True).close()
+    script = script.replace("get_table_names()", "get_table_names(), store.count('QUEUED')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.split() == ["['alembic_version',", "'jobs']", "0", "False"], done.stderr
 
 
 # --- errors, paths, token -------------------------------------------------------------
@@ -361,7 +580,7 @@ def executors(tmp_path):
             **settings,
         )
         config.jobs_path.mkdir(parents=True)
-        executor = LocalExecutor(config, JobStore(config.effective_database_url))
+        executor = LocalExecutor(config, JobStore(config.effective_database_url, migrate=True))
         executor.refs = refs
         executor.start()
         started.append(executor)
@@ -562,26 +781,41 @@ def test_the_clients_mlflow_options_are_checked_before_a_job_exists(tmp_path):
         tracking_options(options(register_model="shapes"), config, prunes=True)
 
 
-def test_a_store_from_an_older_release_gains_the_new_columns(tmp_path):
-    """Columns added since (the client's MLflow options, the experiment id, the error's
-    details) are added on start-up; the jobs already there stay readable."""
-    import sqlite3
+@pytest.mark.parametrize("release", ["first", "before-migrations"])
+def test_a_store_from_an_older_release_is_stamped_and_upgraded(store_url, release, caplog):
+    """An older release made the table with create_all and kept no Alembic version. The
+    first release lacked three columns (the client's MLflow options, the experiment id,
+    the error's details): stamped 0001, they are added. The release just before
+    migrations had them all: stamped 0002, nothing changes. Old jobs stay readable."""
+    from sqlalchemy import create_engine, text
 
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    store = JobStore(url)
-    old = store.create(json.dumps({"layers": ["x"]}))
-    store.close()
-    new = ("tracking_json", "mlflow_experiment_id", "error_details")
-    with sqlite3.connect(tmp_path / "jobs.db") as db:
-        for column in new:
-            db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
-    store = JobStore(url)
+    from cnp_server.store import Base
+
+    engine = create_engine(store_url)
+    Base.metadata.create_all(engine)  # as those releases did
+    old = JobStore(store_url).create(json.dumps({"layers": ["x"]}), request_id="r-old")
+    if release == "first":
+        with engine.begin() as connection:
+            for column in ("tracking_json", "mlflow_experiment_id", "error_details"):
+                connection.execute(text(f"ALTER TABLE jobs DROP COLUMN {column}"))
+    engine.dispose()
+    stamped = "0001" if release == "first" else "0002"
+
+    with caplog.at_level(logging.INFO):
+        store = JobStore(store_url, migrate=True)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith(("alembic", "cnp"))]
+    assert lines == [f"job store of an earlier release (revision {stamped}) now at revision 0002"]
     job = store.get(old.id)
+    assert job.request_id == "r-old" and json.loads(job.spec_json) == {"layers": ["x"]}
     assert (job.tracking_json, job.mlflow_experiment_id, job.error_details) == ("{}", "", "")
-    with sqlite3.connect(tmp_path / "jobs.db") as db:
-        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-    assert set(new) <= columns
+    assert _revision(store_url) == "0002" and _schema_changes(store_url) == []
     store.close()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the next start finds it current
+        JobStore(store_url, migrate=True).close()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("cnp")] == [
+        "job store schema is current (revision 0002)"
+    ]
 
 
 def test_a_registry_model_is_unavailable_at_once_while_mlflow_is_away(tmp_path, monkeypatch):
