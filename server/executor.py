@@ -1,4 +1,5 @@
-"""Executors run queued jobs. One interface; the local one starts worker processes.
+"""Executors run queued jobs. One interface; the local one starts worker processes (the
+Ray one, :mod:`.ray_executor`, runs each job in a Ray actor on a cluster).
 
 :class:`LocalExecutor` has one slot per GPU (or one on CPU). A dispatcher thread claims
 QUEUED jobs from the store, runs each in its own spawned worker process (pinned to its
@@ -6,6 +7,7 @@ GPU with ``CUDA_VISIBLE_DEVICES``), and watches over them: heartbeats, cancellat
 worker stops cooperatively; after a grace period it is terminated), per-stage timeouts,
 and workers that die without writing an outcome. The same thread stays alive until its
 workers are gone, because their death signal is tied to the thread that started them.
+That loop and the watching are :class:`PollingExecutor`'s, which the Ray executor shares.
 
 Pre-warmed workers: a fresh worker spends seconds importing torch and the engine before
 the job starts. So each slot keeps one *spare*, a worker process started with that
@@ -31,14 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from . import __version__
 from .config import ServerConfig
 from .errors import StageTimeout
 from .jobs import CANCELLED, FAILED, QUEUED, RUNNING
 from .store import JobStore
-from .worker import WorkerSetup, WorkerTask, run, serve
+from .worker import WorkerSetup, WorkerTask, run, serve, task_for
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,6 @@ class Executor(Protocol):
 
     def stop(self, drain_seconds: float) -> None:
         """Stop claiming; let running jobs finish for up to ``drain_seconds``; re-queue the rest."""
-
-
-def make_executor(
-    config: ServerConfig,
-    store: JobStore,
-    on_finished: Callable[[str], None] | None = None,
-    on_started: Callable[[str], None] | None = None,
-) -> Executor:
-    """The executor the configuration names (Ray is imported only when asked for)."""
-    if config.executor == "ray":
-        from .ray_executor import RayExecutor
-
-        return RayExecutor(config, store, on_finished=on_finished, on_started=on_started)
-    return LocalExecutor(config, store, on_finished=on_finished, on_started=on_started)
 
 
 def detect_gpus() -> list[int]:
@@ -107,7 +94,14 @@ class _Spare:
     warm_seconds: float | None = None  # set once it reports its imports done
 
 
-class LocalExecutor:
+class PollingExecutor:
+    """What both executors share: one dispatcher thread claims jobs from the store and
+    watches the running ones (heartbeats, cancellation, stage timeouts, other replicas'
+    stale jobs); a subclass says how a job runs and stops (its ``_Running`` items have
+    ``task``, ``slot``, ``cancel_seen``, ``terminated`` and ``outcome``)."""
+
+    slots: int
+
     def __init__(
         self,
         config: ServerConfig,
@@ -117,14 +111,8 @@ class LocalExecutor:
     ) -> None:
         self.config, self.store = config, store
         self._on_started = on_started or (lambda audit_id: None)
-        self.gpus = list(config.gpus) or detect_gpus()
-        self.slots = config.workers or max(1, len(self.gpus))
         self._on_finished = on_finished or (lambda audit_id: None)
-        self._context = multiprocessing.get_context("spawn")
-        self._running: dict[str, _Running] = {}
-        self._spares: dict[int, _Spare] = {}
-        self._spare_failures: dict[int, int] = {}  # slot -> spares that died before warm
-        self._spare_not_before: dict[int, float] = {}  # slot -> back-off after such deaths
+        self._running: dict[str, Any] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._drain_deadline = 0.0
@@ -135,11 +123,6 @@ class LocalExecutor:
     # --- interface --------------------------------------------------------------------
 
     def start(self) -> None:
-        log.info(
-            "local executor: %d slot(s) on %s",
-            self.slots,
-            f"GPUs {self.gpus}" if self.gpus else "CPU",
-        )
         self._thread.start()
 
     def wake(self) -> None:
@@ -155,13 +138,30 @@ class LocalExecutor:
     def running(self) -> list[str]:
         return list(self._running)
 
-    @property
-    def spares(self) -> dict[int, tuple[int, bool]]:
-        """slot -> (pid, warm) of its pre-warmed worker (for logs and tests)."""
-        return {
-            slot: (s.process.pid or 0, s.warm_seconds is not None)
-            for slot, s in list(self._spares.items())
-        }
+    # --- what a subclass does -----------------------------------------------------------
+
+    def _reap(self) -> None:
+        """Finish the jobs whose worker has ended."""
+        raise NotImplementedError
+
+    def _dispatch(self) -> None:
+        """Claim jobs for the free slots and start them."""
+        raise NotImplementedError
+
+    def _keep_spares(self) -> None:
+        """Keep the pre-warmed workers of the slots."""
+
+    def _discard_spares(self) -> None:
+        """Stop the pre-warmed workers (they hold no job)."""
+
+    def _terminate(self, item: Any, outcome: tuple[str, tuple[str, str]]) -> None:
+        """Stop a running job's worker; its job ends with ``outcome`` once it is gone.
+        Called again on every round until then (to escalate)."""
+        raise NotImplementedError
+
+    def _interrupt_all(self) -> None:
+        """The drain period is over: stop the remaining workers and put their jobs back."""
+        raise NotImplementedError
 
     # --- the dispatcher thread --------------------------------------------------------
 
@@ -191,12 +191,89 @@ class LocalExecutor:
         used = {r.slot for r in self._running.values()}
         return next((s for s in range(self.slots) if s not in used), None)
 
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for audit_id, item in list(self._running.items()):
+            if item.terminated:
+                self._terminate(item, item.outcome)  # escalate if it is still there
+                continue
+            job = self.store.get(audit_id)
+            if job.cancel_requested:
+                item.cancel_seen = item.cancel_seen or now
+                if now - item.cancel_seen > self.config.cancel_grace_seconds:
+                    log.warning("job %s ignored cancellation; terminating it", audit_id)
+                    self._terminate(item, (CANCELLED, ("CANCELLED", "cancelled (terminated)")))
+                continue
+            limit = self.config.stage_timeout(job.stage)
+            if job.stage_started_at and time.time() - job.stage_started_at > limit:
+                error = StageTimeout(f"stage {job.stage!r} exceeded its time limit of {limit:g} s")
+                self._terminate(item, (FAILED, (error.status, str(error))))
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if self._running and now - self._last_heartbeat >= self.config.heartbeat_seconds:
+            self.store.heartbeat(self._running, self.config.node_id)
+            self._last_heartbeat = now
+
+    def _recover_stale(self) -> None:
+        """Jobs of another replica that stopped sending heartbeats are re-queued."""
+        now = time.monotonic()
+        if now - self._last_recovery < self.config.lease_seconds / 2:
+            return
+        self._last_recovery = now
+        for audit_id, state in self.store.recover(
+            max_attempts=self.config.max_attempts,
+            stale_before=time.time() - self.config.lease_seconds,
+        ):
+            if audit_id not in self._running:
+                log.warning(
+                    "job %s had no heartbeat for %gs: %s",
+                    audit_id,
+                    self.config.lease_seconds,
+                    state,
+                )
+
+
+class LocalExecutor(PollingExecutor):
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: JobStore,
+        on_finished: Callable[[str], None] | None = None,
+        on_started: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(config, store, on_finished, on_started)
+        self.gpus = list(config.gpus) or detect_gpus()
+        self.slots = config.workers or max(1, len(self.gpus))
+        self._context = multiprocessing.get_context("spawn")
+        self._running: dict[str, _Running] = {}
+        self._spares: dict[int, _Spare] = {}
+        self._spare_failures: dict[int, int] = {}  # slot -> spares that died before warm
+        self._spare_not_before: dict[int, float] = {}  # slot -> back-off after such deaths
+
+    def start(self) -> None:
+        log.info(
+            "local executor: %d slot(s) on %s",
+            self.slots,
+            f"GPUs {self.gpus}" if self.gpus else "CPU",
+        )
+        super().start()
+
+    @property
+    def spares(self) -> dict[int, tuple[int, bool]]:
+        """slot -> (pid, warm) of its pre-warmed worker (for logs and tests)."""
+        return {
+            slot: (s.process.pid or 0, s.warm_seconds is not None)
+            for slot, s in list(self._spares.items())
+        }
+
     def _setup(self, slot: int) -> WorkerSetup:
         return WorkerSetup(
             engine=self.config.engine,
             parent_pid=os.getpid(),
             log_level=self.config.log_level,
-            cuda_visible_devices=str(self.gpus[slot]) if self.gpus else None,
+            # More slots than GPUs (workers > GPUs): they share the GPUs in turn.
+            cuda_visible_devices=str(self.gpus[slot % len(self.gpus)]) if self.gpus else None,
         )
 
     def _dispatch(self) -> None:
@@ -205,25 +282,7 @@ class LocalExecutor:
             if job is None:
                 return
             self._on_started(job.id)
-            setup = self._setup(slot)
-            task = WorkerTask(
-                audit_id=job.id,
-                attempt=job.attempts,
-                database_url=self.config.effective_database_url,
-                workdir=str(self.config.jobs_path / job.id),
-                engine=setup.engine,
-                allowed_roots=tuple(self.config.allow_roots),
-                parent_pid=setup.parent_pid,
-                service_version=__version__,
-                log_level=setup.log_level,
-                cuda_visible_devices=setup.cuda_visible_devices,
-                progress_interval=min(0.5, self.config.poll_seconds),
-                memory_limit=self.config.worker_memory_bytes,
-                tracking_uri=(
-                    self.config.effective_tracking_uri if self.config.tracking_enabled else ""
-                ),
-                max_weights_bytes=self.config.max_weights_bytes,
-            )
+            task = task_for(job, self.config, self._setup(slot))
             item = self._hand_to_spare(slot, task)
             if item is None:
                 process = self._context.Process(
@@ -361,50 +420,7 @@ class LocalExecutor:
         elif now - item.terminated > 5.0:
             item.process.kill()
 
-    def _watch(self) -> None:
-        now = time.monotonic()
-        for audit_id, item in list(self._running.items()):
-            if item.terminated:
-                self._terminate(item, item.outcome)  # escalate to SIGKILL if still alive
-                continue
-            job = self.store.get(audit_id)
-            if job.cancel_requested:
-                item.cancel_seen = item.cancel_seen or now
-                if now - item.cancel_seen > self.config.cancel_grace_seconds:
-                    log.warning("job %s ignored cancellation; terminating it", audit_id)
-                    self._terminate(item, (CANCELLED, ("CANCELLED", "cancelled (terminated)")))
-                continue
-            limit = self.config.stage_timeout(job.stage)
-            if job.stage_started_at and time.time() - job.stage_started_at > limit:
-                error = StageTimeout(f"stage {job.stage!r} exceeded its time limit of {limit:g} s")
-                self._terminate(item, (FAILED, (error.status, str(error))))
-
-    def _heartbeat(self) -> None:
-        now = time.monotonic()
-        if self._running and now - self._last_heartbeat >= self.config.heartbeat_seconds:
-            self.store.heartbeat(self._running, self.config.node_id)
-            self._last_heartbeat = now
-
-    def _recover_stale(self) -> None:
-        """Jobs of another replica that stopped sending heartbeats are re-queued."""
-        now = time.monotonic()
-        if now - self._last_recovery < self.config.lease_seconds / 2:
-            return
-        self._last_recovery = now
-        for audit_id, state in self.store.recover(
-            max_attempts=self.config.max_attempts,
-            stale_before=time.time() - self.config.lease_seconds,
-        ):
-            if audit_id not in self._running:
-                log.warning(
-                    "job %s had no heartbeat for %gs: %s",
-                    audit_id,
-                    self.config.lease_seconds,
-                    state,
-                )
-
     def _interrupt_all(self) -> None:
-        """The drain period is over: stop the remaining workers and put their jobs back."""
         for audit_id, item in list(self._running.items()):
             item.process.terminate()
             item.process.join(5.0)

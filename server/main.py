@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from . import __version__, logs
 from .auth import BearerTokenInterceptor, ensure_token
 from .config import ConfigError, ServerConfig, load_config, mask_url
 from .engine import load_engine
-from .executor import make_executor
+from .executor import Executor, LocalExecutor
 from .service import (
     SERVICE_NAMES,
     AuditService,
@@ -79,6 +80,20 @@ def _open_store(url: str) -> JobStore:
     except SQLAlchemyError as err:
         reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
         raise ConfigError(f"cannot open the job store at {mask_url(url)}: {reason}") from None
+
+
+def make_executor(
+    config: ServerConfig,
+    store: JobStore,
+    on_finished: Callable[[str], None] | None = None,
+    on_started: Callable[[str], None] | None = None,
+) -> Executor:
+    """The executor the configuration names (Ray is imported only when asked for)."""
+    if config.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(config, store, on_finished=on_finished, on_started=on_started)
+    return LocalExecutor(config, store, on_finished=on_finished, on_started=on_started)
 
 
 def _remove_if_ours(info: Path) -> None:

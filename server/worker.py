@@ -9,7 +9,10 @@ straggler from an interrupted attempt cannot overwrite the current one.
 Two entry points: :func:`run` starts cold with its task; :func:`serve` is a *pre-warmed*
 worker that sets up its environment (GPU, OpenMP), imports the engine (torch and the
 rest, seconds) while no job waits, then receives one task through a pipe and runs it
-exactly as :func:`run` would. Either way a process runs one job and exits.
+exactly as :func:`run` would. Either way a process runs one job and exits. A Ray actor
+(:mod:`.ray_executor`) goes through the same steps (:func:`prepare_process`,
+:func:`warm_up_engine`, :func:`run_handed`), without the parent-death signal: Ray ends
+it with its owner.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -41,9 +44,12 @@ from cnp_core.errors import Cancelled
 from cnp_core.results import AuditResult
 from cnp_core.spec import AuditSpec
 
-from . import mlflow_model, registry
+from . import __version__, mlflow_model, registry
 from .errors import describe
 from .jobs import CANCELLED, FAILED, SUCCEEDED, JobRecord
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 log = logging.getLogger("cnp_server.worker")
 
@@ -93,6 +99,27 @@ class WorkerSetup:
     log_level: str = "INFO"
     cuda_visible_devices: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
+
+
+def task_for(job: JobRecord, config: ServerConfig, setup: WorkerSetup) -> WorkerTask:
+    """The task of ``job``'s current attempt for a worker set up as ``setup``."""
+    return WorkerTask(
+        audit_id=job.id,
+        attempt=job.attempts,
+        database_url=config.effective_database_url,
+        workdir=str(config.jobs_path / job.id),
+        engine=setup.engine,
+        allowed_roots=tuple(config.allow_roots),
+        parent_pid=setup.parent_pid,
+        service_version=__version__,
+        log_level=setup.log_level,
+        cuda_visible_devices=setup.cuda_visible_devices,
+        environment=dict(setup.environment),
+        progress_interval=min(0.5, config.poll_seconds),
+        memory_limit=config.worker_memory_bytes,
+        tracking_uri=config.effective_tracking_uri if config.tracking_enabled else "",
+        max_weights_bytes=config.max_weights_bytes,
+    )
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -300,8 +327,14 @@ def _log_as(label: str, level: str) -> None:
 
 
 def _set_up(setup: WorkerSetup, label: str) -> None:
-    """Process-wide set-up, before anything imports torch."""
+    """Set-up of a worker process the local executor started: it dies with the server."""
     _die_with_parent(setup.parent_pid)
+    prepare_process(setup, label)
+
+
+def prepare_process(setup: WorkerSetup, label: str) -> None:
+    """Process-wide set-up, before anything imports torch. A Ray actor calls this alone:
+    Ray, not the parent's death signal, ends it with its owner."""
     # Spinning OpenMP threads stall a worker that shares its cores
     # (measured: a 128x128 eigh in DRSA 684 ms instead of 1.7 ms under load).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -322,27 +355,41 @@ def serve(setup: WorkerSetup, conn: Connection) -> None:
     """Entry point of a pre-warmed worker: import the engine, say so, wait for one task.
 
     Sends ``("ready", seconds)`` once warm; a closed pipe (the executor let it go) ends
-    the process without a job. A warm-up that fails is logged, not fatal: the job
-    imports the engine again and fails with the error as a cold worker would.
+    the process without a job.
     """
     _set_up(setup, "spare")
-    began = time.monotonic()
+    seconds = warm_up_engine(setup.engine)
     try:
-        from .engine import load_engine
-
-        warm_up = getattr(load_engine(setup.engine), "warm_up", None)
-        if callable(warm_up):
-            warm_up()
-    except Exception:
-        log.exception("warm-up of engine %s failed", setup.engine)
-    try:
-        conn.send(("ready", time.monotonic() - began))
+        conn.send(("ready", seconds))
         task = conn.recv()
     except (EOFError, OSError):
         return
     finally:
         conn.close()
-    _log_as(task.audit_id, setup.log_level)
+    run_handed(task)
+
+
+def warm_up_engine(engine: str) -> float:
+    """Import the engine (torch and the rest) and let it warm up; the seconds it took.
+
+    A failure is logged, not raised: the job imports the engine again and fails with the
+    error as a cold worker would.
+    """
+    began = time.monotonic()
+    try:
+        from .engine import load_engine
+
+        warm_up = getattr(load_engine(engine), "warm_up", None)
+        if callable(warm_up):
+            warm_up()
+    except Exception:
+        log.exception("warm-up of engine %s failed", engine)
+    return time.monotonic() - began
+
+
+def run_handed(task: WorkerTask) -> None:
+    """Run a task handed to a pre-warmed process; from now on its log lines name the job."""
+    _log_as(task.audit_id, task.log_level)
     run_job(task)
 
 
