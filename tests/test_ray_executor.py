@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("ray", reason="the ray extra is not installed")
 from test_server_support import TESTS, ServerProcess, make_spec, prune_spec, wait_for
 
 from cnp_client import AuditClient
