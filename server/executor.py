@@ -119,6 +119,8 @@ class PollingExecutor:
         self._thread = threading.Thread(target=self._loop, name="executor", daemon=True)
         self._last_heartbeat = 0.0
         self._last_recovery = 0.0
+        self._spare_failures: dict[int, int] = {}  # slot -> spares that died before warm
+        self._spare_not_before: dict[int, float] = {}  # slot -> back-off after such deaths
 
     # --- interface --------------------------------------------------------------------
 
@@ -153,6 +155,12 @@ class PollingExecutor:
 
     def _discard_spares(self) -> None:
         """Stop the pre-warmed workers (they hold no job)."""
+
+    def _spare_failed(self, slot: int, now: float) -> None:
+        """A slot's spare died before it was warm: wait longer before each next one."""
+        failures = self._spare_failures.get(slot, 0) + 1
+        self._spare_failures[slot] = failures
+        self._spare_not_before[slot] = now + min(2.0**failures, 60.0)
 
     def _terminate(self, item: Any, outcome: tuple[str, tuple[str, str]]) -> None:
         """Stop a running job's worker; its job ends with ``outcome`` once it is gone.
@@ -248,8 +256,6 @@ class LocalExecutor(PollingExecutor):
         self._context = multiprocessing.get_context("spawn")
         self._running: dict[str, _Running] = {}
         self._spares: dict[int, _Spare] = {}
-        self._spare_failures: dict[int, int] = {}  # slot -> spares that died before warm
-        self._spare_not_before: dict[int, float] = {}  # slot -> back-off after such deaths
 
     def start(self) -> None:
         log.info(
@@ -384,11 +390,8 @@ class LocalExecutor(PollingExecutor):
         """A spare died while waiting (OOM, a signal, a broken engine import)."""
         del self._spares[slot]
         self._end_spare(spare)
-        failures = self._spare_failures.get(slot, 0)
         if spare.warm_seconds is None:  # died while warming up: back off before the next
-            failures += 1
-            self._spare_failures[slot] = failures
-            self._spare_not_before[slot] = now + min(2.0**failures, 60.0)
+            self._spare_failed(slot, now)
         log.warning(
             "slot %d: pre-warmed worker pid %s exited with code %s; replacing it",
             slot,

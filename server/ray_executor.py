@@ -137,8 +137,6 @@ class RayExecutor(PollingExecutor):
         self._actor_class = ray.remote(JobActor)
         self._running: dict[str, _Running] = {}
         self._spares: dict[int, _Actor] = {}
-        self._spare_failures: dict[int, int] = {}  # slot -> spares that died before warm
-        self._spare_not_before: dict[int, float] = {}  # slot -> back-off after such deaths
 
     def start(self) -> None:
         log.info(
@@ -292,9 +290,7 @@ class RayExecutor(PollingExecutor):
             spare.pid, spare.node, spare.warm_seconds = ray.get(spare.ready)
         except RayError as err:  # it died while starting: replace it, with back-off
             del self._spares[slot]
-            failures = self._spare_failures.get(slot, 0) + 1
-            self._spare_failures[slot] = failures
-            self._spare_not_before[slot] = now + min(2.0**failures, 60.0)
+            self._spare_failed(slot, now)
             code, message, _ = worker_died(err)
             log.warning(
                 "slot %d: pre-warmed Ray actor failed to start (%s): %s", slot, code, message

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from test_server_support import REPO, ServerProcess, make_spec, prune_spec
+from test_server_support import (
+    REPO,
+    ServerProcess,
+    make_spec,
+    prune_spec,
+    self_signed_certificate,
+)
 
 from cnp_client import (
     AuditClient,
@@ -160,51 +164,13 @@ def test_wait_times_out_with_deadline_exceeded(server, refs):
         assert client.wait(job.id, timeout=30).state == "CANCELLED"
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_mutual_tls_from_the_client_and_the_cli(tmp_path, refs, capsys):
     from cnp_client.cli import main
 
     (tmp_path / "server").mkdir()
     (tmp_path / "client").mkdir()
-    cert, key = _self_signed(tmp_path / "server")
-    client_cert, client_key = _self_signed(tmp_path / "client")  # its own CA
+    cert, key = self_signed_certificate(tmp_path / "server")
+    client_cert, client_key = self_signed_certificate(tmp_path / "client")  # its own CA
     server = ServerProcess(
         tmp_path / "data",
         [refs],
@@ -232,7 +198,7 @@ def test_mutual_tls_from_the_client_and_the_cli(tmp_path, refs, capsys):
 
 
 def test_tls_with_a_given_certificate(tmp_path, refs):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     server = ServerProcess(
         tmp_path / "data",
         [refs],

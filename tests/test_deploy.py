@@ -27,7 +27,6 @@ What is checked, and with what:
 from __future__ import annotations
 
 import copy
-import datetime
 import importlib.util
 import ipaddress
 import json
@@ -47,7 +46,7 @@ from docker.utils.build import PatternMatcher
 from kubernetes_validate.utils import latest_version
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
-from test_server_support import REPO, ServerProcess
+from test_server_support import REPO, ServerProcess, self_signed_certificate
 
 from cnp_server.config import load_config
 
@@ -639,41 +638,6 @@ def test_compose_volumes_ports_and_health_checks():
 
 
 # --- the health port with TLS on ---------------------------------------------------------
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert, key_file = directory / "tls.crt", directory / "tls.key"
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert, key_file
 
 
 def health_script(*args: str) -> subprocess.CompletedProcess:
