@@ -332,12 +332,12 @@ def test_submit_sends_tracking_options_and_the_token(scripted, tmp_path, kind):
 
 
 def test_the_asyncio_client_speaks_mutual_tls(tmp_path):
-    from test_client import _self_signed
+    from test_server_support import self_signed_certificate
 
     (tmp_path / "server").mkdir()
     (tmp_path / "client").mkdir()
-    cert, key = _self_signed(tmp_path / "server")
-    client_cert, client_key = _self_signed(tmp_path / "client")
+    cert, key = self_signed_certificate(tmp_path / "server")
+    client_cert, client_key = self_signed_certificate(tmp_path / "client")
     credentials = grpc.ssl_server_credentials(
         [(key.read_bytes(), cert.read_bytes())],
         root_certificates=client_cert.read_bytes(),
