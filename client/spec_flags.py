@@ -25,6 +25,7 @@ from cnp_core import convert
 from cnp_core.errors import CnpError
 from cnp_core.spec import (
     CONCEPT_METHODS,
+    DATASET_FORMATS,
     PRUNE_METHODS,
     PRUNE_SCOPES,
     SCHEDULES,
@@ -122,7 +123,15 @@ SPEC_FLAGS: tuple[SpecFlag, ...] = (
         "--model",
         "model.architecture",
         metavar="ARCH",
-        help="torchvision architecture, e.g. resnet18",
+        help="torchvision architecture, e.g. resnet18, or mlp (with --layer-sizes)",
+    ),
+    _flag(
+        "--layer-sizes",
+        "model.layer_sizes",
+        type=_int_list,
+        metavar="IN,H1,...",
+        shown="none; required with --model mlp",
+        help="an mlp's in_features (the table's features) and hidden layer widths",
     ),
     _flag("--factory", "model.factory", metavar="MODULE:FUNCTION", help="importable model factory"),
     _flag(
@@ -149,9 +158,22 @@ SPEC_FLAGS: tuple[SpecFlag, ...] = (
         type=_absolute,
         metavar="DIR",
         shown="none; required here or in --spec",
-        help="directory with images and labels.csv",
+        help="directory with labels.csv and the images (or features.txt, --dataset-format table)",
     ),
-    _flag("--input-size", "dataset.input_size", type=int, metavar="N", help="image side in pixels"),
+    _flag(
+        "--dataset-format",
+        "dataset.format",
+        choices=DATASET_FORMATS,
+        help="images, or table: labels.csv holds numeric feature columns that features.txt "
+        "names in the model's input order",
+    ),
+    _flag(
+        "--input-size",
+        "dataset.input_size",
+        type=int,
+        metavar="N",
+        help="image side in pixels (not for a table)",
+    ),
     _flag("--mean", "dataset.mean", type=_triple, metavar="R,G,B", help="normalisation mean"),
     _flag("--std", "dataset.std", type=_triple, metavar="R,G,B", help="normalisation std"),
     _flag(

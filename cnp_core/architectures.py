@@ -4,13 +4,15 @@ Per family of torchvision models: the names a spec may give (the allow-list), th
 canonizers LRP needs (BatchNorm merged into its convolution, residual sums made explicit)
 and the layer an audit looks at by default. Building a model by name, choosing its
 canonizers, the benchmark's default layer and rebuilding an exported compact model all
-read this table.
+read this table. One more family is cnp's own: ``mlp``, a plain multi-layer perceptron
+over the features of a table dataset (:class:`MLP`), built from its layer sizes.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torchvision
@@ -20,6 +22,44 @@ from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 from .errors import ModelError
+
+# The spec names it too (spec.MLP_ARCHITECTURE, without importing torch): tests keep them equal.
+MLP_NAME = "mlp"
+
+
+class MLP(nn.Sequential):
+    """A multi-layer perceptron over tabular features: ``layer_sizes`` = [in_features,
+    hidden_1, ..., hidden_n], then ``num_classes`` outputs.
+
+    Children ``fc1, relu1, ..., fcN, reluN, out`` (Linear, ReLU, the output Linear): the
+    names are the state dict's keys and the layers a spec audits (default ``relu<n>``, the
+    last hidden representation). Out-of-place ReLUs, so LRP taps see each output.
+    """
+
+    def __init__(self, layer_sizes: list[int] | tuple[int, ...], num_classes: int):
+        sizes = [int(s) for s in layer_sizes]
+        if len(sizes) < 2 or any(s < 1 for s in sizes):
+            raise ModelError(
+                f"an MLP needs layer_sizes [in_features, hidden_1, ...] with at least one "
+                f"hidden layer, all positive, got {list(layer_sizes)}"
+            )
+        layers: list[tuple[str, nn.Module]] = []
+        for n, (width_in, width_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
+            layers += [(f"fc{n}", nn.Linear(width_in, width_out)), (f"relu{n}", nn.ReLU())]
+        layers.append(("out", nn.Linear(sizes[-1], num_classes)))
+        super().__init__(OrderedDict(layers))
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        """[in_features, hidden...] as the layers now are (a pruned MLP has fewer neurons)."""
+        linears = [m for m in self if isinstance(m, nn.Linear)]
+        return [linears[0].in_features, *(m.out_features for m in linears[:-1])]
+
+
+def _last_hidden(model: nn.Module, input_size: int) -> str:
+    """An MLP's last hidden ReLU: its most abstract representation, read by the output
+    layer alone, so CNP's projection folds exactly into ``out``."""
+    return [name for name, m in model.named_children() if isinstance(m, nn.ReLU)][-1]
 
 
 def _vgg_layer(model: nn.Module, input_size: int) -> str:
@@ -84,9 +124,13 @@ FAMILIES = (
     Family(MobileNetV2, ("mobilenet_v2",), lambda: [SequentialMergeBatchNorm()], _late_block),
     Family(MobileNetV3, ("mobilenet_v3_small",), lambda: [SequentialMergeBatchNorm()], _late_block),
     Family(EfficientNet, ("efficientnet_b0",), lambda: [SequentialMergeBatchNorm()], _late_block),
+    # No BatchNorm to merge, no residual sum: LRP needs no canonizer.
+    Family(MLP, (MLP_NAME,), lambda: [], _last_hidden),
 )
 
 ARCHITECTURES = tuple(name for family in FAMILIES for name in family.names)
+# The names torchvision builds (every one but cnp's own MLP).
+TORCHVISION_ARCHITECTURES = tuple(name for name in ARCHITECTURES if name != MLP_NAME)
 
 
 def check_name(name: str) -> None:
@@ -99,9 +143,14 @@ def check_name(name: str) -> None:
         )
 
 
-def build(name: str, num_classes: int) -> nn.Module:
-    """The architecture ``name`` with fresh weights (never downloaded)."""
+def build(name: str, num_classes: int, layer_sizes: Sequence[int] = ()) -> nn.Module:
+    """The architecture ``name`` with fresh weights (never downloaded); ``layer_sizes``
+    shape an MLP and only an MLP."""
     check_name(name)
+    if name == MLP_NAME:
+        return MLP(list(layer_sizes), num_classes)
+    if layer_sizes:
+        raise ModelError(f"layer_sizes shape an {MLP_NAME!r} only, not {name!r}")
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
@@ -116,9 +165,9 @@ def canonizers_for(model: nn.Module) -> list:
     return family.canonizers() if family else [SequentialMergeBatchNorm()]
 
 
-def default_layer(name: str, input_size: int) -> str:
+def default_layer(name: str, input_size: int, layer_sizes: Sequence[int] = ()) -> str:
     """The layer an audit of architecture ``name`` at ``input_size`` px looks at first."""
-    return layer_of(build(name, 2), input_size)
+    return layer_of(build(name, 2, layer_sizes), input_size)
 
 
 def layer_of(model: nn.Module, input_size: int) -> str:

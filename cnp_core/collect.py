@@ -38,8 +38,14 @@ def sample_positions(
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``per_image`` random spatial positions of every image, seeded by (seed, image id), so
-    the sample does not depend on batching or order. N x d x H x W in, rows out."""
+    the sample does not depend on batching or order. N x d x H x W in, rows out.
+
+    A dense layer's N x d output has one position per sample: its rows are taken once
+    each (``per_image`` copies of one row would add nothing to a fit but weight).
+    """
     n, d = activation.shape[:2]
+    if activation.dim() == 2:
+        return activation.double().cpu().numpy(), context.double().cpu().numpy()
     a = activation.reshape(n, d, -1)
     c = context.reshape(n, d, -1)
     positions = a.shape[-1]
@@ -84,15 +90,13 @@ def collect_instances(
 
     def sample(images: torch.Tensor, ids: torch.Tensor) -> dict[str, tuple]:
         out = explainer.explain(images, torch.full((len(ids),), target), input_relevance=False)
-        return {
-            name: (
-                *sample_positions(
-                    out.activations[name], out.contexts[name], ids.tolist(), per_image, seed
-                ),
-                np.repeat(ids.numpy(), per_image),
+        sampled = {}
+        for name in parts:
+            rows = sample_positions(
+                out.activations[name], out.contexts[name], ids.tolist(), per_image, seed
             )
-            for name in parts
-        }
+            sampled[name] = (*rows, np.repeat(ids.numpy(), len(rows[0]) // len(ids)))
+        return sampled
 
     for images, ids in _batches(loader, cancelled, progress):
         for sampled in runner.map(sample, images, ids):

@@ -6,7 +6,8 @@ value, with the flagged subspace. The pipeline, CNP's relearning loop and the ex
 runner all call it, so a concept is learned, scored and flagged one way.
 
 1. collect: activations and LRP contexts at the audited layers, explaining the positive
-   class, at ``positions_per_image`` seeded positions of each training image (of the
+   class, at ``positions_per_image`` seeded positions (a dense layer, such as an MLP's
+   hidden layer over a table, has one per sample) of each training image (of the
    positive class for unsupervised methods, of both audited classes for supervised ones);
 2. fit: one basis per K (unsupervised), or one direction per attribute value (supervised),
    with the method the spec names (:mod:`cnp_core.methods`);
@@ -25,7 +26,7 @@ import torch
 
 from .audit import AuditSamples, Candidate, audit_attribute
 from .collect import Instances, ScoredImages, collect_instances, collect_relevance
-from .data import ImageDataset, ImageTable, SplitRows, make_loader
+from .data import ImageTable, SplitRows, make_loader
 from .devices import compute_device
 from .errors import Cancelled, DatasetError
 from .lrp import Explainer
@@ -132,7 +133,7 @@ def learn_concepts(
     positive = table.labels == spec.positive_class
 
     def loader(rows: np.ndarray):
-        return make_loader(ImageDataset(table, rows, spec.dataset), spec.batch_size)
+        return make_loader(table.samples(rows, spec.dataset), spec.batch_size)
 
     stage("collect", "collecting activations and LRP contexts")
     fit_mask = pair if method.supervised else positive

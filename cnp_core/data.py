@@ -21,8 +21,9 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -41,6 +42,8 @@ TRUE_VALUES = frozenset({"1", "true", "yes"})
 FALSE_VALUES = frozenset({"0", "false", "no"})
 CLASSES_FILE = "classes.txt"
 MAX_CLASSES_BYTES = MAX_CLASSES * (MAX_NAME + 2)  # every name at its longest, with CRLF
+# labels.csv is read whole into memory: 1 GiB holds millions of rows of a wide table.
+MAX_LABELS_BYTES = 1 << 30
 
 # -------------------------------------------------------------------------- datasets
 
@@ -69,6 +72,15 @@ class ImageTable:
 
     def has_split(self, name: str) -> bool:
         return bool(np.any(self.splits == name))
+
+    def samples(self, indices: Sequence[int] | np.ndarray, ref: DatasetRef) -> Dataset:
+        """Rows ``indices`` as (model input, row index) pairs: decoded images here, rows of
+        features in a table (:class:`cnp_core.tables.FeatureTable`)."""
+        return ImageDataset(self, indices, ref)
+
+    def labelled(self, indices: Sequence[int] | np.ndarray, ref: DatasetRef) -> Dataset:
+        """Rows ``indices`` as (model input, class label) pairs, for training."""
+        return LabelledImages(self, indices, ref)
 
     def _column(self, attribute: str) -> np.ndarray:
         if attribute not in self.attributes:
@@ -152,14 +164,26 @@ def load_dataset(
     digest: bool = True,
 ) -> ImageTable:
     """Read and check ``<root>/labels.csv`` and the image paths it lists; with ``digest``,
-    hash every image (without, the table's digest is empty and no image is read).
+    hash every image (without, the table's digest is empty and no image is read). A
+    table dataset (``ref.format == "table"``) is read by :func:`cnp_core.tables.load_table`.
 
     ``classes``: the model's class names (``model.classes``); a ``classes.txt`` beside
     labels.csv must then name the same. Labels given by name become their indices.
     """
-    try:
+    if ref.is_table:
+        raise DatasetError(
+            "a table dataset is read by cnp_core.tables.load_table", field="dataset.format"
+        )
+    with errors_on_root():
         return _load_table(ref, attributes, classes, allowed_roots, digest)
-    except DatasetError as err:  # what the dataset holds is reached through dataset.root
+
+
+@contextmanager
+def errors_on_root() -> Iterator[None]:
+    """A DatasetError without a field is about what dataset.root holds."""
+    try:
+        yield
+    except DatasetError as err:
         err.field = err.field or "dataset.root"
         raise
 
@@ -171,29 +195,7 @@ def _load_table(
     allowed_roots: Sequence[PathLike] | None,
     digest: bool,
 ) -> ImageTable:
-    if not ref.root:
-        raise DatasetError("dataset.root is required")
-    root = resolve_inside(ref.root, allowed_roots, "dataset root", DatasetError)
-    if not root.exists():
-        raise DatasetError(f"dataset root {ref.root!r} does not exist")
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {ref.root!r} is not a directory")
-    csv_path = root / "labels.csv"
-    if not csv_path.is_file():
-        raise DatasetError(
-            f"dataset root {ref.root!r} has no labels.csv (columns: path, label, split, "
-            "then one column per attribute)"
-        )
-    if not csv_path.resolve().is_relative_to(root):
-        raise DatasetError("labels.csv is a symlink that leads outside the dataset root")
-    raw = csv_path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DatasetError(
-            f"labels.csv is not UTF-8 text ({err.reason} at byte {err.start})"
-        ) from None
-    _refuse_control_characters(text)
+    root, raw, text = read_labels(ref, allowed_roots, "path, label, split")
     names, classes_txt = _class_names(root, classes)
     rows = _parse_csv(text, attributes, names)
     paths = [r[0] for r in rows]
@@ -210,13 +212,55 @@ def _load_table(
         max_pixels=ref.max_pixels,
         class_names=names,
     )
+    check_attribute_values(table, attributes)
+    return table
+
+
+def check_attribute_values(table: ImageTable, attributes: Sequence[str]) -> None:
+    """Every audited attribute takes at least two values."""
     for name in attributes:
         distinct = table.values(name)
         if len(distinct) < 2:
             raise DatasetError(
                 f"attribute {name!r} has only the value {distinct[0]!r}: nothing to audit"
             )
-    return table
+
+
+def read_labels(
+    ref: DatasetRef, allowed_roots: Sequence[PathLike] | None, columns: str
+) -> tuple[Path, bytes, str]:
+    """The canonical dataset root and ``labels.csv`` (bytes and text), checked: inside
+    the allowed roots, at most MAX_LABELS_BYTES, UTF-8 without control characters.
+    ``columns`` names the required columns in messages."""
+    if not ref.root:
+        raise DatasetError("dataset.root is required")
+    root = resolve_inside(ref.root, allowed_roots, "dataset root", DatasetError)
+    if not root.exists():
+        raise DatasetError(f"dataset root {ref.root!r} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {ref.root!r} is not a directory")
+    csv_path = root / "labels.csv"
+    if not csv_path.is_file():
+        raise DatasetError(
+            f"dataset root {ref.root!r} has no labels.csv (columns: {columns}, "
+            "then one column per attribute)"
+        )
+    if not csv_path.resolve().is_relative_to(root):
+        raise DatasetError("labels.csv is a symlink that leads outside the dataset root")
+    size = csv_path.stat().st_size
+    if size > MAX_LABELS_BYTES:
+        raise DatasetError(
+            f"labels.csv is {size} bytes, over the limit of {MAX_LABELS_BYTES} bytes"
+        )
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetError(
+            f"labels.csv is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    _refuse_control_characters(text)
+    return root, raw, text
 
 
 # One parsed row: path, label, split, line number, requested attribute values.

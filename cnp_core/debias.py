@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .concepts import ConceptAudit, learn_concepts
-from .data import ImageDataset, ImageTable, LabelledImages, SplitRows, make_loader
+from .data import ImageTable, SplitRows, make_loader
 from .devices import compute_device
 from .errors import InvalidSpec, LayerError, NoFlaggedSubspace
 from .pruning.criteria import pruning_criterion
@@ -60,11 +60,11 @@ def reference_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarr
 def reference_set(
     table: ImageTable, splits: SplitRows, spec: AuditSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, true classes) of the reference set: ``spec.prune.reference_per_class``
-    training images of each class."""
+    """(inputs, true classes) of the reference set: ``spec.prune.reference_per_class``
+    training images (or table rows) of each class."""
     train = np.asarray(splits.train)
     rows = train[reference_indices(table.labels[train], spec.prune.reference_per_class, spec.seed)]
-    images = ImageDataset(table, rows, spec.dataset).stack()
+    images = table.samples(rows, spec.dataset).stack()
     return images, torch.as_tensor(table.labels[rows])
 
 
@@ -101,7 +101,7 @@ def debias(
     if projection is not None and spec.prune.relearn_subspaces:
         relearn = relearner(table, splits, spec, projection, cancelled)
     train_loader = make_loader(
-        LabelledImages(table, splits.train, spec.dataset),
+        table.labelled(splits.train, spec.dataset),
         spec.batch_size,
         shuffle=True,
         seed=spec.seed,

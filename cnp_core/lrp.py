@@ -9,6 +9,19 @@ reducer returns sum_i slope_i * g_i (the rule's gradient before the multiplicati
 input), and a tap on a turns that message back into R = a * c for the layers below, so
 the input heatmap stays the ordinary LRP heatmap.
 
+Under the "gradient" composite the taps hand the plain (possibly projected) gradient
+down instead, and the input heatmap is Gradient x Input: a * c at every tapped layer and
+the heatmap then both sum to the logit of a bias-free ReLU network.
+
+Dense models (an MLP over a table, :class:`~cnp_core.architectures.MLP`): zennit's
+composites put Epsilon on every hidden and output Linear (``epsilon_plus``), and
+``epsilon_plus_flat`` puts Flat on the first. The rule of the first Linear shapes only
+the relevance of the input features, never a context or a neuron's pruning score (those
+depend only on the rules above the layer): audits and pruning come out the same under
+both. Per-feature relevance wants ``epsilon_plus``: Flat spreads a neuron's relevance
+over the features whatever their values, and z+ rules assume non-negative inputs, which
+scaled features are not.
+
 Cost: when only a and c are wanted (collection), nothing below the lowest tapped layer
 enters the autograd graph, so no rule below it runs. zennit's rules replace each layer's
 native input gradient, so that gradient is not computed (a zero stands in for it), and
@@ -143,7 +156,8 @@ class _Tap(torch.autograd.Function):
         tap: LayerTap = ctx.tap
         tap.context = context.detach()
         message = context if tap.transform is None else tap.transform(context)
-        return a * message, None
+        # Below the tap LRP rules expect relevance, plain backpropagation a gradient.
+        return (message if tap.gradient else a * message), None
 
 
 @dataclass
@@ -156,6 +170,7 @@ class LayerTap:
     node: object = None  # the tap's autograd node in the current graph
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     leaves: list[torch.Tensor] | None = None  # set when the forward below runs without a graph
+    gradient: bool = False  # plain backpropagation (no LRP rules): hand the gradient down
 
     def hook(self, module: nn.Module, inputs, output):
         if not isinstance(output, torch.Tensor):
@@ -236,7 +251,9 @@ class Explanation:
     logits: torch.Tensor  # N x classes
     activations: dict[str, torch.Tensor]  # layer -> a, N x d x H x W (or N x d)
     contexts: dict[str, torch.Tensor]  # layer -> c, same shape; R = a * c
-    input_relevance: torch.Tensor | None  # N x C x H x W: the LRP heatmap (None if not asked)
+    # N x C x H x W (N x F for a table): the LRP heatmap, Gradient x Input under the
+    # "gradient" composite (None if not asked)
+    input_relevance: torch.Tensor | None
 
 
 class Explainer:
@@ -263,9 +280,10 @@ class Explainer:
         missing = [name for name in layers if name not in modules or not name]
         if missing:
             raise LayerError(_unknown_layer_message(missing[0], list(modules)))
-        self.taps = {name: LayerTap(name) for name in layers}
-        self._tapped_modules = {name: modules[name] for name in layers}
         self._composite = make_composite(composite, self.model, **composite_options)
+        gradient = self._composite is None
+        self.taps = {name: LayerTap(name, gradient=gradient) for name in layers}
+        self._tapped_modules = {name: modules[name] for name in layers}
         self._handles: list = []
         self._consumers_found = False
         self._inputs: dict[nn.Module, object] = {}  # module -> autograd node of its input
@@ -405,11 +423,16 @@ class Explainer:
                 )
                 start[rows, picked] = initial[rows, picked]
                 grads = torch.autograd.grad(logits, leaves, start, allow_unused=layer_only)
+            heatmap = None
+            if input_relevance and not layer_only:
+                heatmap = grads[0].detach()
+                if self._composite is None:  # the gradient: Gradient x Input is its relevance
+                    heatmap = heatmap * images.detach()
             return Explanation(
                 logits=logits.detach(),
                 activations={name: tap.activation for name, tap in self.taps.items()},
                 contexts={name: tap.context for name, tap in self.taps.items()},
-                input_relevance=None if layer_only or not input_relevance else grads[0].detach(),
+                input_relevance=heatmap,
             )
         finally:
             # Also after a failure (a GPU out of memory, retried smaller): the taps and the

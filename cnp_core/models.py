@@ -1,7 +1,8 @@
 """Models, loaded safely: the model a spec's ``ModelRef`` names, with its weights.
 
 A torchvision architecture named in :mod:`cnp_core.architectures` (built with
-``weights=None``, never downloaded) or an importable factory ``package.module:function``,
+``weights=None``, never downloaded), cnp's ``mlp`` shaped by ``layer_sizes``, or an
+importable factory ``package.module:function``,
 plus a weights file: ``.safetensors``, or a state_dict read with
 ``torch.load(weights_only=True)`` and no fallback, so a pickle that would run code is
 refused (:class:`UnsafeFile`), never executed.
@@ -49,7 +50,7 @@ def build_model(ref: ModelRef) -> nn.Module:
     if bool(ref.architecture) == bool(ref.factory):
         raise ModelError("model: give exactly one of an architecture name or a factory")
     if ref.architecture:
-        return architectures.build(ref.architecture, ref.num_classes)
+        return architectures.build(ref.architecture, ref.num_classes, ref.layer_sizes)
     return _call_factory(ref.factory, ref.num_classes)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .architectures import ARCHITECTURES, build
+from .architectures import ARCHITECTURES, MLP, build
 from .errors import ModelError
 
 FORMAT_VERSION = 1
@@ -81,6 +81,8 @@ def describe(
         elif isinstance(module, nn.Conv2d | _BatchNorm | nn.Linear):
             raise ModelError(f"cannot describe layer {name!r} of type {type(module).__name__}")
     channels = {name: d["out_channels"] for name, d in layers.items() if d["type"] == "Conv2d"}
+    if isinstance(model, MLP):  # the base to rebuild: an MLP is shaped by its sizes
+        extra = {"layer_sizes": model.layer_sizes, **extra}
     return {
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
@@ -123,7 +125,8 @@ def _build_module(spec: dict[str, Any]) -> nn.Module:
 
 
 def rebuild(description: dict[str, Any], base: nn.Module | None = None) -> nn.Module:
-    """The base model (``base``, or the torchvision architecture named in the description)
+    """The base model (``base``, or the architecture named in the description: an MLP
+    with its ``layer_sizes``)
     with every described layer replaced by one of the described shape, in the described
     memory format. Weights are not loaded (see :func:`load_compact`)."""
     if description.get("format_version") != FORMAT_VERSION:
@@ -134,7 +137,7 @@ def rebuild(description: dict[str, Any], base: nn.Module | None = None) -> nn.Mo
         name = description.get("architecture", "")
         if name not in ARCHITECTURES:
             raise ModelError(f"unknown torchvision architecture {name!r}: pass the base model")
-        base = build(name, description["num_classes"])
+        base = build(name, description["num_classes"], description.get("layer_sizes", ()))
     model = copy.deepcopy(base)
     modules = dict(model.named_modules())
     for name, spec in description["layers"].items():

@@ -30,6 +30,11 @@ FACTORY_PATTERN = re.compile(r"^(?P<module>\w+(?:\.\w+)*):(?P<attr>\w+(?:\.\w+)*
 # typo (1e9 resamples) fails at once with the range instead of running for days.
 MAX_LIST, MAX_NAME, MAX_SUBSPACES = 16, 256, 512
 MAX_CLASSES = 100_000  # outputs of a model, and so class names
+# cnp's own architecture: a multi-layer perceptron over a table's features, shaped by
+# ModelRef.layer_sizes = [in_features, hidden_1, ..., hidden_n].
+MLP_ARCHITECTURE = "mlp"
+MAX_UNITS = 100_000  # features, or hidden neurons of one layer
+DATASET_FORMATS = ("images", "table")
 AUDIT_BOUNDS = {
     "positions_per_image": (1, 1024),
     "fit_images": (1, 100_000),
@@ -105,9 +110,10 @@ def check_class_names(
 
 @dataclass
 class ModelRef:
-    """A model: a torchvision architecture or an importable factory, plus a weights file."""
+    """A model: a torchvision architecture, cnp's "mlp", or an importable factory, plus a
+    weights file."""
 
-    architecture: str = ""  # torchvision name from the allow-list, e.g. "resnet18"
+    architecture: str = ""  # name from the allow-list, e.g. "resnet18", or "mlp"
     factory: str = ""  # "package.module:function", called with num_classes=...
     weights: str = ""  # .safetensors or a state_dict .pt/.pth (loaded weights_only)
     num_classes: int = 2
@@ -115,17 +121,29 @@ class ModelRef:
     # from the other). labels.csv may then label images by name; without them a
     # classes.txt beside labels.csv may name the classes.
     classes: list[str] = field(default_factory=list)
+    # architecture "mlp" only (and required there): [in_features, hidden_1, ..., hidden_n],
+    # n >= 1; in_features is the number of features of the table dataset.
+    layer_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass
 class DatasetRef:
-    """A directory with images and a labels.csv (path, label, split, attribute columns...)."""
+    """A directory with a labels.csv: images (path, label, split, attribute columns...) or,
+    with format "table", one row of numeric features per sample (cnp_core.tables)."""
 
     root: str = ""
+    # The image fields below are ignored for a table (features are used as written).
     input_size: int = 64
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_pixels: int = 4096 * 4096  # decompression-bomb cap per image
+    # "images", or "table": labels.csv holds label, split, attribute and feature columns,
+    # and features.txt beside it names the feature columns in the model's input order.
+    format: str = "images"
+
+    @property
+    def is_table(self) -> bool:
+        return self.format == "table"
 
 
 @dataclass
@@ -213,7 +231,7 @@ class AuditSpec:
     # LRP rules of the contexts the concepts are fitted on; "": the concept method's own
     # (DRSA: plain gradient, CAV: EpsilonPlusFlat), recorded in the report's spec
     composite: str = ""
-    positions_per_image: int = 20
+    positions_per_image: int = 20  # a table has one position per sample: ignored there
     fit_images: int = 512  # at most this many positive-class train images fit the basis
     drsa_restarts: int = 1
     # A cap (the fit stops earlier once J stops improving). 150: over the 64 px badge
@@ -223,7 +241,7 @@ class AuditSpec:
     flag_threshold: float = 0.8  # AP_attribute a subspace must reach to be flagged
     bootstrap: int = 200  # resamples for confidence intervals; 0 disables them
     min_group_size: int = 10
-    heatmap_samples: int = 4
+    heatmap_samples: int = 4  # image heatmaps; ignored for a table
     batch_size: int = 32  # at most: a GPU pass that runs out of memory halves it once
     # "auto": the server's choice, the job's GPU when its worker has one, else the CPU;
     # "cpu" or "cuda[:N]" is honoured, or refused when the server has no such device.
@@ -249,20 +267,9 @@ class AuditSpec:
         _check_bounds(self.model, {"num_classes": (2, MAX_CLASSES)}, "model.")
         if not self.dataset.root:
             raise InvalidSpec("dataset.root is required", field="dataset.root")
-        if not 8 <= self.dataset.input_size <= 1024:
-            raise InvalidSpec(
-                f"dataset.input_size must lie in [8, 1024], got {self.dataset.input_size}",
-                field="dataset.input_size",
-            )
-        for name in ("mean", "std"):
-            values = getattr(self.dataset, name)
-            if len(values) != 3:
-                raise InvalidSpec(
-                    f"dataset.{name} needs 3 values (R,G,B), got {len(values)}",
-                    field=f"dataset.{name}",
-                )
-        if any(s <= 0 for s in self.dataset.std):
-            raise InvalidSpec("dataset.std values must be positive", field="dataset.std")
+        self._validate_format()
+        if not self.dataset.is_table:  # a table ignores the image fields
+            self._validate_image_fields()
         if not self.attributes:
             raise InvalidSpec(
                 "attributes: name at least one attribute column to audit", field="attributes"
@@ -304,6 +311,62 @@ class AuditSpec:
         if self.prune is not None:
             self.prune.validate(self.attributes)
         return self
+
+    def _validate_format(self) -> None:
+        """The dataset format, and the model kind that reads it: an MLP (layer_sizes)
+        reads a table's feature rows, a torchvision network reads images; a factory's
+        model may read either."""
+        model, dataset = self.model, self.dataset
+        if dataset.format not in DATASET_FORMATS:
+            raise InvalidSpec(
+                f"dataset.format must be one of {', '.join(DATASET_FORMATS)}, "
+                f"got {dataset.format!r}",
+                field="dataset.format",
+            )
+        mlp = model.architecture == MLP_ARCHITECTURE
+        if model.layer_sizes and not mlp:
+            raise InvalidSpec(
+                f"model.layer_sizes shape an architecture {MLP_ARCHITECTURE!r} only; "
+                f"this model is {model.architecture or model.factory!r}",
+                field="model.layer_sizes",
+            )
+        if mlp:
+            sizes = model.layer_sizes
+            if not 2 <= len(sizes) <= MAX_LIST or not all(1 <= s <= MAX_UNITS for s in sizes):
+                raise InvalidSpec(
+                    f"model.layer_sizes: architecture {MLP_ARCHITECTURE!r} needs "
+                    f"[in_features, hidden_1, ..., hidden_n]: 2 to {MAX_LIST} sizes, each in "
+                    f"[1, {MAX_UNITS}], got {list(sizes)}",
+                    field="model.layer_sizes",
+                )
+            if not dataset.is_table:
+                raise InvalidSpec(
+                    f"architecture {MLP_ARCHITECTURE!r} reads rows of features: set "
+                    "dataset.format to 'table'",
+                    field="dataset.format",
+                )
+        elif model.architecture and dataset.is_table:
+            raise InvalidSpec(
+                f"architecture {model.architecture!r} reads images, not a table's features: "
+                f"use architecture {MLP_ARCHITECTURE!r} with model.layer_sizes, or a factory",
+                field="model.architecture",
+            )
+
+    def _validate_image_fields(self) -> None:
+        if not 8 <= self.dataset.input_size <= 1024:
+            raise InvalidSpec(
+                f"dataset.input_size must lie in [8, 1024], got {self.dataset.input_size}",
+                field="dataset.input_size",
+            )
+        for name in ("mean", "std"):
+            values = getattr(self.dataset, name)
+            if len(values) != 3:
+                raise InvalidSpec(
+                    f"dataset.{name} needs 3 values (R,G,B), got {len(values)}",
+                    field=f"dataset.{name}",
+                )
+        if any(s <= 0 for s in self.dataset.std):
+            raise InvalidSpec("dataset.std values must be positive", field="dataset.std")
 
     def _validate_classes(self) -> None:
         """model.classes, the class indices, and the class names as far as they are known."""

@@ -33,6 +33,19 @@ def _requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("torch", "torchvision")]
 
 
+def _sample_shape(compact_dir: Path, input_size: int) -> tuple[int, ...]:
+    """One input's shape, as the model was exported with (architecture.json's
+    ``input_shape``: (in_features,) for an MLP over a table); an RGB image of
+    ``input_size`` pixels when the description has none."""
+    import json
+
+    from cnp_core.export import ARCHITECTURE_FILE
+
+    described = json.loads((compact_dir / ARCHITECTURE_FILE).read_text(encoding="utf-8"))
+    shape = described.get("input_shape") or [1, 3, input_size, input_size]
+    return tuple(int(n) for n in shape[1:])
+
+
 def save_models(
     compact_dir: Path, workdir: Path, metadata: dict[str, Any], input_size: int
 ) -> dict[str, Path]:
@@ -49,7 +62,7 @@ def save_models(
     root = workdir / DIRECTORY
     model = load_compact(compact_dir)
     # Two rows: torch.export would fix a batch size of 1 into the program.
-    example = np.zeros((2, 3, input_size, input_size), dtype=np.float32)
+    example = np.zeros((2, *_sample_shape(compact_dir, input_size)), dtype=np.float32)
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, logits)

@@ -64,8 +64,11 @@ def _assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
         assert torch.equal(a(x), b(x))
 
 
-def test_architectures_are_torchvision_models():
-    assert set(ARCHITECTURES) <= set(torchvision.models.list_models())
+def test_architectures_are_torchvision_models_and_cnps_mlp():
+    from cnp_core.architectures import TORCHVISION_ARCHITECTURES
+
+    assert set(TORCHVISION_ARCHITECTURES) <= set(torchvision.models.list_models())
+    assert set(ARCHITECTURES) - set(TORCHVISION_ARCHITECTURES) == {"mlp"}
 
 
 @pytest.mark.parametrize(
