@@ -1,6 +1,6 @@
 """CI gates: rules over the canonical JSON report, in the spirit of MLflow's metric thresholds.
 
-A gate is an absolute limit (``worst_group_accuracy>=0.7``) or a "no worse than a baseline"
+A gate is an absolute limit (``worst_group_accuracy>=0.7``, ``equalized_odds_difference<=0.1``) or a "no worse than a baseline"
 limit (``worst_group_accuracy>=baseline-0.02``, the baseline being a previous JSON report),
 on a metric's estimate or on a bound of its bootstrap interval
 (``worst_group_accuracy.ci_low>=0.7``). A ``warn:`` rule is checked and reported like any
@@ -34,6 +34,17 @@ FLAGGED = "flagged"
 METRIC_FIELDS = ("balanced_accuracy", "worst_group_accuracy")  # Metric messages
 SCALAR_FIELDS = ("parameters", "flops", "latency_ms")  # plain numbers
 EVALUATION_METRICS = METRIC_FIELDS + SCALAR_FIELDS
+# Fairness metrics: one check per fairness breakdown (each audited attribute, then their
+# intersection) of the `after` evaluation when the report has it, else of `before`.
+FAIRNESS_METRICS = (
+    "demographic_parity_difference",
+    "demographic_parity_ratio",
+    "equalized_odds_difference",
+    "equalized_odds_ratio",
+    "accuracy_difference",
+)
+# Metrics of an evaluated model: they take before./after. and the `before` reference.
+MODEL_METRICS = EVALUATION_METRICS + FAIRNESS_METRICS
 SCOPES = ("before", "after")
 # Which number of a Metric message a rule reads: the estimate or a bound of its 95 %
 # bootstrap interval (both equal the estimate when the audit ran without bootstrap).
@@ -46,10 +57,10 @@ GRAMMAR = """\
 gate rule grammar (spaces are ignored):
   RULE      := ["warn:"] [SCOPE "."] METRIC ["." BOUND] OP REFERENCE
   warn:                     report the rule, never fail on it (the same as --warn RULE)
-  SCOPE     := before | after       (evaluation metrics only; default: after when the
-                                      audit pruned, else before)
-  BOUND     := value | ci_low | ci_high   (AP and accuracy metrics; default value, the
-                                      estimate; ci_low/ci_high: its 95 % bootstrap interval)
+  SCOPE     := before | after       (metrics of the evaluated model only; default: after
+                                      when the audit pruned, else before)
+  BOUND     := value | ci_low | ci_high   (AP, accuracy and fairness metrics; default value,
+                                      the estimate; ci_low/ci_high: its 95 % bootstrap interval)
   OP        := <= | >= | < | >      (flagged takes == or != with none)
   REFERENCE := NUMBER
              | baseline [(+|-|*) NUMBER]   the same metric and bound in --baseline-report
@@ -61,12 +72,19 @@ metrics checked once per audited attribute value:
   flagged                                                        (flagged==none, flagged!=none)
 metrics of the evaluated model:
   balanced_accuracy, worst_group_accuracy, parameters, flops, latency_ms
+fairness metrics of the evaluated model, checked once per breakdown (each audited
+attribute, then their intersection); Fairlearn's, over the groups not too small:
+  demographic_parity_difference, demographic_parity_ratio   (selection rates)
+  equalized_odds_difference, equalized_odds_ratio   (worse of true/false positive rates)
+  accuracy_difference          (differences: max - min; ratios: min / max)
 examples:
   max_ap_attribute<=0.8   flagged==none   worst_group_accuracy>=0.7
   max_ap_attribute.ci_high<=0.8   (no subspace reaches 0.8, even at its interval's top)
   max_ap_attribute.ci_low>=0.9    (a subspace reaches 0.9 even at its interval's bottom)
   after.balanced_accuracy>=before-0.02   worst_group_accuracy>=baseline-0.02
-  after.parameters<=baseline*0.8   warn:worst_group_accuracy.ci_low>=0.7"""
+  after.parameters<=baseline*0.8   warn:worst_group_accuracy.ci_low>=0.7
+  equalized_odds_difference<=0.1   after.demographic_parity_difference<=before
+  warn:equalized_odds_ratio>=0.8   demographic_parity_difference.ci_high<=0.2"""
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -124,6 +142,11 @@ class Rule:
         return self.metric in AUDIT_METRICS or self.metric == FLAGGED
 
     @property
+    def is_fairness_rule(self) -> bool:
+        """Fairness rules are checked once per fairness breakdown."""
+        return self.metric in FAIRNESS_METRICS
+
+    @property
     def needs_baseline(self) -> bool:
         return self.reference.kind == "baseline"
 
@@ -155,8 +178,8 @@ class Check:
         return not self.passed and self.level == WARN
 
 
-_KNOWN = (*AUDIT_METRICS, FLAGGED, *EVALUATION_METRICS)
-_WITH_INTERVALS = (*AUDIT_METRICS, *METRIC_FIELDS)  # metrics held in Metric messages
+_KNOWN = (*AUDIT_METRICS, FLAGGED, *MODEL_METRICS)
+_WITH_INTERVALS = (*AUDIT_METRICS, *METRIC_FIELDS, *FAIRNESS_METRICS)  # Metric messages
 
 
 def _split_target(left: str) -> tuple[str, str, str]:
@@ -199,10 +222,12 @@ def parse_rule(text: str, level: str = GATE) -> Rule:
         raise fail(f"unknown metric {metric!r}" + (f" (did you mean {close[0]}?)" if close else ""))
     if scope and scope not in SCOPES:
         raise fail(f"unknown scope {scope!r}: use before. or after.")
-    if scope and metric not in EVALUATION_METRICS:
+    if scope and metric not in MODEL_METRICS:
         raise fail(f"{metric} is an audit metric; before./after. apply to evaluation metrics")
     if bound and metric not in _WITH_INTERVALS:
-        raise fail(f"{metric} has no interval; .{bound} applies to AP and accuracy metrics")
+        raise fail(
+            f"{metric} has no interval; .{bound} applies to AP, accuracy and fairness metrics"
+        )
     if bound and bound not in BOUNDS:
         raise fail(f"unknown bound {bound!r}: use .value, .ci_low or .ci_high")
     if metric == FLAGGED:
@@ -217,7 +242,7 @@ def parse_rule(text: str, level: str = GATE) -> Rule:
     if not relative:
         raise fail(f"cannot read the reference {ref!r}")
     kind = relative["base"]
-    if kind == "before" and (scope != "after" or metric not in EVALUATION_METRICS):
+    if kind == "before" and (scope != "after" or metric not in MODEL_METRICS):
         raise fail("'before' is a reference only for after.<metric> rules")
     amount = float(relative["amount"]) if relative["amount"] else 0.0
     return rule(Reference(kind, amount, relative["how"] or ""))
@@ -243,6 +268,8 @@ def evaluate(
             )
         if rule.is_audit_rule:
             outcomes = _audit_checks(rule, report, baseline)
+        elif rule.is_fairness_rule:
+            outcomes = _fairness_checks(rule, report, baseline)
         else:
             outcomes = [_evaluation_check(rule, report, baseline)]
         checks.extend(dataclasses.replace(check, level=rule.level) for check in outcomes)
@@ -365,6 +392,74 @@ def _evaluation_check(rule: Rule, report: Report, baseline: Report | None) -> Ch
             return Check(rule.text, False, observed, None, message)
         base = _evaluation_value(base_evaluation, rule.metric, rule.bound)
     return _compare(rule, rule.text, f"{scope}.{_target(rule)}", observed, base)
+
+
+# --- fairness rules ----------------------------------------------------------------------
+
+
+def _breakdown_key(breakdown: Report) -> tuple[str, ...]:
+    return tuple(str(name) for name in breakdown.get("attributes") or [])
+
+
+def _breakdown_name(key: tuple[str, ...]) -> str:
+    """``sex``, or ``sex x race`` for an intersection."""
+    return " x ".join(key) or "?"
+
+
+def _breakdowns(rule: Rule, evaluation: Report, scope: str, which: str = "report") -> list:
+    """The fairness breakdowns of an evaluation; a report without any cannot be gated on
+    fairness (made before cnp measured it, or an audit of no attribute)."""
+    if "fairness" not in evaluation:
+        raise GateError(
+            f"gate rule {rule.text!r}: the {which}'s '{scope}' evaluation has no fairness "
+            "metrics (it was made by a cnp version before fairness reviews): audit again "
+            "with this version, or drop the rule"
+        )
+    breakdowns = list(evaluation.get("fairness") or [])
+    if not breakdowns:
+        raise GateError(
+            f"gate rule {rule.text!r}: the {which}'s '{scope}' evaluation has no fairness "
+            "breakdown (no attribute was audited)"
+        )
+    return breakdowns
+
+
+def _fairness_checks(rule: Rule, report: Report, baseline: Report | None) -> list[Check]:
+    scope, evaluation = _evaluation(report, rule.scope)
+    if evaluation is None:
+        why = "the audit did not prune" if scope == "after" else "the model was not evaluated"
+        return [
+            Check(rule.text, False, None, _threshold_label(rule), f"no '{scope}' evaluation: {why}")
+        ]
+    counterparts: dict[tuple[str, ...], Report] = {}
+    if rule.reference.kind == "before":
+        before = report.get("before") or {}
+        if before:
+            counterparts = {_breakdown_key(b): b for b in _breakdowns(rule, before, "before")}
+    elif rule.needs_baseline:
+        base_scope, base_evaluation = _evaluation(baseline or {}, rule.scope)
+        if base_evaluation is None:
+            message = f"the baseline report has no '{base_scope}' evaluation"
+            return [Check(rule.text, False, None, None, message)]
+        found = _breakdowns(rule, base_evaluation, base_scope, "baseline report")
+        counterparts = {_breakdown_key(b): b for b in found}
+    checks = []
+    for breakdown in _breakdowns(rule, evaluation, scope):
+        key = _breakdown_key(breakdown)
+        where = _breakdown_name(key)
+        name = f"{rule.text} [{where}]"
+        observed = metric_value(breakdown.get(rule.metric), rule.bound)
+        base = None
+        if rule.reference.kind != "number":
+            counterpart = counterparts.get(key)
+            if counterpart is None:
+                source = "before pruning" if rule.reference.kind == "before" else "baseline"
+                message = f"{where}: no breakdown of it {source}"
+                checks.append(Check(name, False, observed, None, message))
+                continue
+            base = metric_value(counterpart.get(rule.metric), rule.bound)
+        checks.append(_compare(rule, name, f"{where}: {scope}.{_target(rule)}", observed, base))
+    return checks
 
 
 def _target(rule: Rule) -> str:

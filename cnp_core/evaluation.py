@@ -6,7 +6,8 @@ A group is (class, attribute, value) for every audited attribute and each of its
 worst group, never averaged in silently. A named class shows as ``ring (3)``. Every
 accuracy carries a bootstrap 95 % interval from :mod:`cnp_core.metrics`. The model's
 cost comes with it: parameters, multiply-accumulates (the "FLOPs" of model papers) and
-the median CPU latency at batch 1.
+the median CPU latency at batch 1. The group fairness of the positive class's decisions
+(Fairlearn's group metrics and disparities, :mod:`cnp_core.fairness`) comes with it too.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .data import ImageDataset, make_loader
+from .data import make_loader
 from .devices import BatchRunner, compute_device
 from .errors import GroupTooSmall, InvalidSpec
+from .fairness import group_fairness
 from .metrics import accuracy, balanced_accuracy
 from .results import Evaluation, GroupMetric, Metric, class_label, class_name
 
@@ -76,10 +78,13 @@ def evaluate_predictions(
     seed: int = 0,
     min_group_size: int = 10,
     class_names: Sequence[str] = (),
+    positive_class: int = 1,
 ) -> Evaluation:
     """Balanced accuracy, accuracy of every group (label x attribute value) with its size,
     and the worst group among those with at least ``min_group_size`` samples.
-    ``class_names``: the model's, in output order (empty: classes are shown by index)."""
+    ``class_names``: the model's, in output order (empty: classes are shown by index).
+    ``positive_class``: the class whose decisions the fairness breakdowns review (the
+    spec's)."""
     labels = np.asarray(labels)
     predictions = np.asarray(predictions)
     if labels.shape != predictions.shape or labels.size == 0:
@@ -134,6 +139,15 @@ def evaluate_predictions(
         worst_group_accuracy=worst_metric,
         worst_group=worst_name,
         groups=groups,
+        fairness=group_fairness(
+            labels,
+            predictions,
+            attributes,
+            positive_class=positive_class,
+            resamples=resamples,
+            seed=seed,
+            min_group_size=min_group_size,
+        ),
     )
 
 
@@ -169,6 +183,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     latency_repeats: int = 30,
     class_names: Sequence[str] = (),
+    positive_class: int = 1,
 ) -> Evaluation:
     """:func:`evaluate_predictions` of the model's predictions on ``data`` (same order as
     ``labels`` and ``attributes``), plus its size and cost when ``example_input`` is given
@@ -182,6 +197,7 @@ def evaluate(
         seed=seed,
         min_group_size=min_group_size,
         class_names=class_names,
+        positive_class=positive_class,
     )
     if example_input is not None:
         params, macs, latency = model_cost(model, example_input, repeats=max(latency_repeats, 1))
@@ -196,12 +212,12 @@ def metric_row(metric: Metric) -> str:
 
 
 def evaluate_table(model: nn.Module, table, indices, spec) -> Evaluation:
-    """:func:`evaluate` on rows ``indices`` of an ImageTable, with the audit spec's groups
-    (its attributes), bootstrap, seed, minimum group size and device (the pipeline's entry
-    point)."""
+    """:func:`evaluate` on rows ``indices`` of an ImageTable (images or a table's feature
+    rows), with the audit spec's groups (its attributes), bootstrap, seed, minimum group
+    size and device (the pipeline's entry point)."""
 
     indices = np.asarray(indices)
-    dataset = ImageDataset(table, indices, spec.dataset)
+    dataset = table.samples(indices, spec.dataset)  # images, or rows of a table
     return evaluate(
         model,
         make_loader(dataset, spec.batch_size),
@@ -214,4 +230,5 @@ def evaluate_table(model: nn.Module, table, indices, spec) -> Evaluation:
         batch_size=spec.batch_size,
         device=compute_device(spec.device),
         class_names=table.class_names,
+        positive_class=spec.positive_class,
     )

@@ -419,3 +419,119 @@ def test_warn_rules_are_reported_but_never_fail():
         ("warn:max_ap_attribute<=0.8 [watermark=1]", True),
         ("warn:max_ap_attribute<=0.8 [sex=f]", False),
     ]
+
+
+# --- fairness rules ------------------------------------------------------------------------
+
+
+def breakdown(attributes: list[str], eo_difference: float, dp_difference: float) -> dict:
+    """A fairness breakdown in the canonical JSON shape (groups are not read by gates)."""
+    return {
+        "attributes": attributes,
+        "positive_class": 1,
+        "groups": [],
+        "demographic_parity_difference": metric(
+            dp_difference, dp_difference - 0.05, dp_difference + 0.05
+        ),
+        "demographic_parity_ratio": metric(1 - dp_difference),
+        "equalized_odds_difference": metric(
+            eo_difference, eo_difference - 0.04, eo_difference + 0.04
+        ),
+        "equalized_odds_ratio": metric(1 - eo_difference),
+        "accuracy_difference": metric(0.05),
+    }
+
+
+def fairness_report() -> dict:
+    """Two attributes and their intersection; pruning narrowed the sex disparity only."""
+    report = make_report()
+    report["before"]["fairness"] = [
+        breakdown(["sex"], 0.30, 0.25),
+        breakdown(["race"], 0.08, 0.06),
+        breakdown(["sex", "race"], 0.35, 0.30),
+    ]
+    report["after"]["fairness"] = [
+        breakdown(["sex"], 0.09, 0.07),
+        breakdown(["race"], 0.09, 0.06),
+        breakdown(["sex", "race"], 0.12, 0.10),
+    ]
+    return report
+
+
+def test_fairness_rules_are_checked_once_per_breakdown():
+    report = fairness_report()
+    checks = evaluate(["equalized_odds_difference<=0.1"], report)
+    assert [c.name for c in checks] == [
+        "equalized_odds_difference<=0.1 [sex]",
+        "equalized_odds_difference<=0.1 [race]",
+        "equalized_odds_difference<=0.1 [sex x race]",
+    ]
+    assert [c.passed for c in checks] == [True, True, False]  # read from after
+    assert (
+        checks[2].message == "sex x race: after.equalized_odds_difference = 0.120, needs <= 0.100"
+    )
+    before = evaluate(["before.equalized_odds_difference<=0.1"], report)
+    assert [c.passed for c in before] == [False, True, False]
+    bounds = evaluate(["demographic_parity_difference.ci_high<=0.125"], report)
+    assert [c.observed for c in bounds] == pytest.approx([0.12, 0.11, 0.15])
+    assert [c.passed for c in bounds] == [True, True, False]
+
+
+def test_fairness_after_compared_with_before_and_warn_rules():
+    report = fairness_report()
+    checks = evaluate(["after.demographic_parity_difference<=before"], report)
+    assert [c.passed for c in checks] == [True, True, True]
+    checks = evaluate(["after.equalized_odds_difference<=before"], report)
+    assert [c.passed for c in checks] == [True, False, True]  # race got worse: 0.08 -> 0.09
+    assert "(before 0.080)" in checks[1].message
+    warned = evaluate(["warn:equalized_odds_ratio>=0.9"], report)
+    assert [c.warned for c in warned] == [False, False, True] and all_passed(warned)
+
+
+def test_fairness_baseline_matches_breakdowns_by_attributes():
+    report, baseline = fairness_report(), fairness_report()
+    baseline["after"]["fairness"] = baseline["after"]["fairness"][:1]  # only sex
+    checks = evaluate(["equalized_odds_difference<=baseline+0.01"], report, baseline)
+    assert [c.passed for c in checks] == [True, False, False]
+    assert checks[1].message == "race: no breakdown of it baseline"
+
+
+def test_fairness_unmeasured_fails_closed_and_old_reports_are_configuration_errors():
+    report = fairness_report()
+    report["after"]["fairness"][0]["equalized_odds_difference"]["value"] = "NaN"
+    checks = evaluate(["equalized_odds_difference<=0.1"], report)
+    assert not checks[0].passed and "was not measured" in checks[0].message
+    old = make_report()  # made before fairness reviews: no "fairness" key at all
+    with pytest.raises(GateError, match="has no fairness metrics"):
+        evaluate(["equalized_odds_difference<=0.1"], old)
+    none_audited = make_report()
+    none_audited["after"]["fairness"] = []
+    with pytest.raises(GateError, match="no fairness breakdown"):
+        evaluate(["demographic_parity_ratio>=0.8"], none_audited)
+    unpruned = fairness_report()
+    del unpruned["after"]
+    (check,) = evaluate(["after.equalized_odds_difference<=0.1"], unpruned)
+    assert not check.passed and "the audit did not prune" in check.message
+
+
+def test_fairness_rule_grammar():
+    rule = parse_rule("warn: after.equalized_odds_ratio.ci_low >= before * 0.9")
+    assert (rule.scope, rule.metric, rule.bound, rule.level) == (
+        "after",
+        "equalized_odds_ratio",
+        "ci_low",
+        WARN,
+    )
+    assert rule.reference == Reference("before", 0.9, "*") and rule.is_fairness_rule
+    for name in (
+        "demographic_parity_difference",
+        "demographic_parity_ratio",
+        "equalized_odds_difference",
+        "equalized_odds_ratio",
+        "accuracy_difference",
+    ):
+        assert name in GRAMMAR and parse_rule(f"{name}<=1").is_fairness_rule
+    with pytest.raises(GateError, match="did you mean equalized_odds_difference"):
+        parse_rule("equalised_odds_difference<=0.1")
+    with pytest.raises(GateError, match="only for after"):
+        parse_rule("equalized_odds_difference<=before")

@@ -192,6 +192,18 @@ def test_pruning_through_the_service_and_the_model_in_mlflow(
     report = client.report(job.id)
     assert report.after is not None and report.proto.pruning.filters_removed > 0
     assert report.after.groups and report.after.parameters < report.before.parameters
+    # Fairlearn's group metrics of the positive class's decisions, before and after.
+    for evaluation in (report.before, report.after):
+        (fairness,) = evaluation.fairness  # one attribute: no intersection
+        assert list(fairness.attributes) == [spec.attributes[0]]
+        assert fairness.positive_class == spec.positive_class
+        assert sum(g.count for g in fairness.groups) == sum(
+            g.count for g in evaluation.groups if g.attribute == spec.attributes[0]
+        )
+        rates = [g.selection_rate.value for g in fairness.groups if not g.too_small]
+        dp = fairness.demographic_parity_difference
+        assert dp.value == pytest.approx(max(rates) - min(rates))
+        assert 0.0 <= dp.ci_low <= dp.ci_high <= 1.0  # bootstrapped (the spec's resamples)
 
     model_path = client.download_model(job.id, tmp_path / "model.pt2", format="pt2")
     program = torch.export.load(model_path).module()
@@ -204,6 +216,10 @@ def test_pruning_through_the_service_and_the_model_in_mlflow(
     assert run.info.status == "FINISHED" and run.data.tags["ci.pipeline"] == "42"
     assert run.data.params["prune.method"] == "cnp"
     assert any(k.startswith("after/") for k in run.data.metrics)
+    fairness_key = f"after/fairness/{spec.attributes[0]}/equalized_odds_difference"
+    assert run.data.metrics[fairness_key] == pytest.approx(
+        report.after.fairness[0].equalized_odds_difference.value
+    )
     assert any(k.startswith("progress/") for k in run.data.metrics)  # logged as it ran
     flagged = report.proto.attributes[0].flagged_subspace
     assert any(f"/S{flagged + 1}/ap_attribute" in k for k in run.data.metrics)
