@@ -16,13 +16,22 @@ A subspace that predicts the attribute but not the class isolates the attribute.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .metrics import average_precision
-from .results import AP_COLUMNS, AttributeAudit, SubspaceScore
+from .results import (
+    AP_COLUMNS,
+    AttributeAudit,
+    AttributeSummary,
+    Metric,
+    SubspaceScore,
+    SubspaceValues,
+    ValueSummary,
+)
 
 
 def subspace_relevance(
@@ -171,6 +180,79 @@ def audit_attribute(
     return audits
 
 
+def summarise_attributes(
+    attributes: Sequence[str],
+    audits: Sequence[AttributeAudit],
+    *,
+    removed: Callable[[str], list[AttributeAudit]],
+    basis_of: Callable[[AttributeAudit], object],
+) -> list[AttributeSummary]:
+    """One :class:`~cnp_core.results.AttributeSummary` per attribute and layer, from the
+    value tables in ``audits``.
+
+    ``removed(attribute)``: the tables whose flagged subspaces CNP removes together
+    (:meth:`cnp_core.concepts.ConceptAudit.flagged`); ``basis_of(table)``: the fitted basis
+    a table reads (:meth:`~cnp_core.concepts.ConceptAudit.concept_of`), compared by
+    identity: two values share a subspace only when they read the same basis object.
+    """
+    summaries = []
+    for attribute in attributes:
+        tables = [a for a in audits if a.attribute == attribute]
+        cut = removed(attribute)
+        for layer in dict.fromkeys(a.layer for a in tables):  # layers in audit order
+            at_layer = [a for a in tables if a.layer == layer]
+            summaries.append(
+                AttributeSummary(
+                    attribute=attribute,
+                    layer=layer,
+                    values=[_value_summary(a) for a in at_layer],
+                    shared=[
+                        s for s in _group(at_layer, _best_index, basis_of) if len(s.values) >= 2
+                    ],
+                    removed=_group(
+                        [a for a in cut if a.layer == layer],
+                        lambda a: a.flagged_subspace,
+                        basis_of,
+                    ),
+                )
+            )
+    return summaries
+
+
+def _best_index(audit: AttributeAudit) -> int:
+    return best_subspace(audit.subspaces)[0]
+
+
+def _value_summary(audit: AttributeAudit) -> ValueSummary:
+    k = _best_index(audit)
+    nan = float("nan")
+    return ValueSummary(
+        value=audit.value,
+        n_subspaces=audit.n_subspaces,
+        best_subspace=k,
+        ap_attribute=audit.subspaces[k].ap_attribute if k >= 0 else Metric(nan, nan, nan),
+        flagged_subspace=audit.flagged_subspace,
+    )
+
+
+def _group(
+    tables: list[AttributeAudit],
+    index_of: Callable[[AttributeAudit], int],
+    basis_of: Callable[[AttributeAudit], object],
+) -> list[SubspaceValues]:
+    """The distinct (basis, index) the tables point at, each with its values, in order."""
+    grouped: dict[tuple[int, int], SubspaceValues] = {}
+    for table in tables:
+        k = index_of(table)
+        if k < 0:
+            continue
+        key = (id(basis_of(table)), k)
+        if key not in grouped:
+            grouped[key] = SubspaceValues(table.n_subspaces, k, [])
+        grouped[key].values.append(table.value)
+    return list(grouped.values())
+
+
 def format_table(audit: AttributeAudit) -> str:
     """A plain-text rendering of one audit table (base rates in parentheses)."""
     title = (
@@ -186,4 +268,31 @@ def format_table(audit: AttributeAudit) -> str:
             for field, _, _ in AP_COLUMNS
         )
         lines.append(f"S{row.index + 1}{mark} {row.mean_relevance:>9.3g}{cells}")
+    return "\n".join(lines)
+
+
+def format_summary(summary: AttributeSummary) -> str:
+    """A plain-text rendering of one attribute summary: per value its best subspace (test
+    AP_attribute [95 % CI]) and flag, then the shared and the removed subspaces."""
+
+    def name(k: int, n_subspaces: int) -> str:
+        return f"S{k + 1} of K={n_subspaces}" if k >= 0 else "none"
+
+    def listed(items: list[SubspaceValues]) -> str:
+        return "; ".join(f"{name(u.index, u.n_subspaces)} for {', '.join(u.values)}" for u in items)
+
+    lines = [f"{summary.attribute} at {summary.layer}: {len(summary.values)} values, one-vs-rest"]
+    for v in summary.values:
+        ap = v.ap_attribute
+        flag = (
+            "flagged"
+            if v.best_is_flagged
+            else f"flagged: {name(v.flagged_subspace, v.n_subspaces)}"
+        )
+        lines.append(
+            f"  {v.value}: best {name(v.best_subspace, v.n_subspaces)}, AP_A {ap.value:.3f} "
+            f"[{ap.ci_low:.3f}, {ap.ci_high:.3f}] (base {ap.base_rate:.2f}), {flag}"
+        )
+    lines.append(f"  one subspace for several values: {listed(summary.shared) or 'none'}")
+    lines.append(f"  CNP removes: {listed(summary.removed) or 'nothing at this layer'}")
     return "\n".join(lines)

@@ -146,6 +146,56 @@ class PruningSummary:
 
 
 @dataclass
+class ValueSummary:
+    """One value of an attribute in an :class:`AttributeSummary`: the subspace with the
+    highest test AP_attribute in the value's table at the summary's layer."""
+
+    value: str
+    n_subspaces: int  # the K of the value's table (chosen per value on validation)
+    best_subspace: int  # index into that table; -1 when every AP is undefined
+    ap_attribute: Metric  # the best subspace's test AP_attribute, interval and base rate
+    flagged_subspace: int = -1  # the table's flag (chosen on validation); -1: none
+
+    @property
+    def best_is_flagged(self) -> bool:
+        return self.best_subspace >= 0 and self.best_subspace == self.flagged_subspace
+
+
+@dataclass
+class SubspaceValues:
+    """Subspace ``index`` of the basis with ``n_subspaces`` subspaces fitted at the
+    summary's layer, and the attribute values it stands for."""
+
+    n_subspaces: int
+    index: int
+    values: list[str]
+
+
+@dataclass
+class AttributeSummary:
+    """One audited attribute at one layer, over its values' one-vs-rest tables.
+
+    ``shared``: the subspaces that are the best subspace (highest test AP_attribute) of two
+    or more values, i.e. one concept that encodes the attribute as a whole (a skin-tone
+    axis rather than one direction per group). Two values' best subspaces are the same
+    subspace only when both tables read the same fitted basis (same layer, same K, and a
+    basis fitted for every value: unsupervised methods) and the same index; tables of
+    different K are different fits and never share, nor do the per-value directions of
+    supervised methods.
+
+    ``removed``: the subspaces CNP removes when pruned for this attribute (the union of
+    every value's flagged subspace at the first layer that flagged one, as the audit
+    found them before any relearning); empty at other layers and when none was flagged.
+    """
+
+    attribute: str
+    layer: str
+    values: list[ValueSummary]
+    shared: list[SubspaceValues] = field(default_factory=list)
+    removed: list[SubspaceValues] = field(default_factory=list)
+
+
+@dataclass
 class AuditResult:
     spec: AuditSpec
     model_sha256: str
@@ -158,6 +208,8 @@ class AuditResult:
     versions: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> local path
     class_names: list[str] = field(default_factory=list)  # output order; empty: none given
+    # One per audited attribute and layer, in the order of ``attributes``.
+    attribute_summaries: list[AttributeSummary] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

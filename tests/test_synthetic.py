@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import csv
 import json
 from collections import Counter
@@ -175,7 +176,7 @@ def test_text_style_has_its_own_digits_and_a_photo_background(tmp_path):
         assert np.abs(np.diff(pixels.mean(2), axis=1)).mean() > 0.03
 
 
-def test_tint_variant_is_a_three_valued_background_attribute(tmp_path):
+def test_tint_variant_is_a_four_valued_background_attribute(tmp_path):
     params = GenerationParams(
         style="tint", attribute="group", correlation=0.8, attribute_rate=0.6, **SMALL
     )
@@ -184,16 +185,45 @@ def test_tint_variant_is_a_three_valued_background_attribute(tmp_path):
     train = _rows(root, "train")
     assert _rate(train, "1", "group", "a") == pytest.approx(0.6, abs=0.02)
     assert _rate(train, "0", "group", "a") == pytest.approx(0.6 * 0.2 / 0.8, abs=0.02)
-    # the rest of each class is shared equally by b and c
-    rest = Counter(row["group"] for row in train if row["label"] == "0")
-    assert abs(rest["b"] - rest["c"]) <= 1
+    # the rest of each class is shared equally by b, c and d
+    rest = Counter(row["group"] for row in train if row["label"] == "0" and row["group"] != "a")
+    assert set(rest) == {"b", "c", "d"} and max(rest.values()) - min(rest.values()) <= 1
     test = Counter((row["label"], row["group"]) for row in _rows(root, "test"))
-    assert set(test.values()) == {8} and len(test) == 6
-    # "a" is warm (red above blue), "c" is blue (blue above red)
-    for value, warm in (("a", True), ("c", False)):
+    assert set(test.values()) == {6} and len(test) == 8  # balanced: 24 per class over 4 values
+    # the background's hue (read in a corner, away from the digit) is nearest its value's
+    # own for most images: jitter, gradient and pixel noise move some
+    hues = {"a": 0.03, "b": 0.33, "c": 0.61, "d": 0.83}
+    for value in hues:
+        nearest = []
         for row in [r for r in train if r["group"] == value][:10]:
             corner = np.asarray(Image.open(root / row["path"]), dtype=float)[:4, :4].mean((0, 1))
-            assert (corner[0] > corner[2]) == warm
+            found = colorsys.rgb_to_hsv(*(corner / 255.0))[0]
+            nearest.append(
+                min(hues, key=lambda v: min(abs(found - hues[v]), 1 - abs(found - hues[v])))
+            )
+        assert nearest.count(value) >= 8, (value, nearest)
+
+
+def test_tint_values_set_how_many_values_and_stay_out_of_other_cache_keys(tmp_path):
+    sizes = {"train_sizes": (8, 16), "val_per_class": 4, "test_per_class": 6}
+    three = GenerationParams(style="tint", attribute="group", tint_values=3, **sizes)
+    values = {row["group"] for row in read_labels(generate_dataset(tmp_path, three))}
+    assert values == {"a", "b", "c"}
+    training = synthetic.TrainingParams()
+    tint = [
+        synthetic.cache_key(GenerationParams(style="tint", tint_values=n), training) for n in (3, 4)
+    ]
+    assert tint[0] != tint[1]
+    # the badge styles have no tint: the field leaves their keys (and caches) as they were
+    for style in ("watermark", "text"):
+        keys = {
+            synthetic.cache_key(GenerationParams(style=style, tint_values=n), training)
+            for n in (3, 5)
+        }
+        assert len(keys) == 1
+    for bad in (1, 7):
+        with pytest.raises(ValueError, match="tint_values"):
+            GenerationParams(style="tint", tint_values=bad).validate()
 
 
 @pytest.mark.parametrize(
