@@ -90,9 +90,11 @@ def markdown_summary(report: Report, checks: Sequence[Check] | None = None) -> s
             cells += [md_text(_plain(check.threshold)), md_text(check.message)]
             lines.append(_md_row(cells))
         lines.append("")
+    lines += _markdown_attribute_summaries(report)
     for audit in report.get("attributes") or []:
         lines += _markdown_audit(audit)
     lines += _markdown_groups(report)
+    lines += _markdown_fairness(report)
     timings = report.get("timings") or {}
     if timings:
         lines += ["### Timings", "", "| Stage | Seconds |", "|---|---:|"]
@@ -102,6 +104,73 @@ def markdown_summary(report: Report, checks: Sequence[Check] | None = None) -> s
         total = sum(as_number(s) or 0 for s in timings.values())
         lines += [_md_row(["**total**", f"**{total:.1f}**"]), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _multi_valued(report: Report) -> list[Report]:
+    """The attribute summaries of attributes audited value by value (two or more values);
+    a binary attribute's one table says it all."""
+    return [s for s in report.get("attribute_summaries") or [] if len(s.get("values") or []) >= 2]
+
+
+def _subspace_name(item: Report) -> str:
+    """ "S2 (K=4)": the subspace and the basis it belongs to."""
+    index = int(as_number(item.get("index", 0)) or 0)
+    return f"S{index + 1} (K={int(as_number(item.get('n_subspaces', 0)) or 0)})"
+
+
+def _summary_sentences(summary: Report, quote) -> list[str]:
+    """Which subspace serves several values, and what CNP removes; names through ``quote``."""
+
+    def listed(items: list[Report]) -> str:
+        return "; ".join(
+            f"{_subspace_name(item)} for {', '.join(quote(str(v)) for v in item.get('values') or [])}"
+            for item in items
+        )
+
+    shared, removed = summary.get("shared") or [], summary.get("removed") or []
+    return [
+        f"One subspace serves several values: {listed(shared)}."
+        if shared
+        else "No subspace is the best of two or more values.",
+        f"CNP removes the union: {listed(removed)}."
+        if removed
+        else "CNP removes nothing at this layer (no value flagged here).",
+    ]
+
+
+def _best_cells(value: Report) -> tuple[str, str]:
+    """The best subspace of one value, and whether it is the table's flagged one."""
+    best = int(as_number(value.get("best_subspace", 0)) or 0)
+    flagged = int(as_number(value.get("flagged_subspace", 0)) or 0)
+    k = int(as_number(value.get("n_subspaces", 0)) or 0)
+    name = f"S{best + 1} (K={k})" if best >= 0 else "–"
+    flag = (
+        "yes" if best >= 0 and best == flagged else f"no (S{flagged + 1})" if flagged >= 0 else "no"
+    )
+    return name, flag
+
+
+def _markdown_attribute_summaries(report: Report) -> list[str]:
+    lines = []
+    for summary in _multi_valued(report):
+        values = summary.get("values") or []
+        lines += [
+            f"### Per attribute: {md_text(summary.get('attribute', '?'))}",
+            "",
+            f"layer {md_code(summary.get('layer', '?'))}; {len(values)} values, each audited "
+            "one-vs-rest. Best subspace: highest test AP attribute [95 % CI] (base rate).",
+            "",
+            "| Value | Best subspace | AP attribute | Flagged |",
+            "|---|---|---|---|",
+        ]
+        for value in values:
+            name, flag = _best_cells(value)
+            cells = [md_text(value.get("value", "?")), name]
+            lines.append(
+                _md_row([*cells, _metric(value.get("ap_attribute"), base_rate=True), flag])
+            )
+        lines += ["", *_summary_sentences(summary, md_text), ""]
+    return lines
 
 
 def _markdown_audit(audit: Report) -> list[str]:
@@ -174,6 +243,128 @@ def _markdown_groups(report: Report) -> list[str]:
     return [*lines, ""]
 
 
+# The columns of a fairness group and the disparities of a breakdown: (field, header).
+FAIRNESS_RATES = (
+    ("accuracy", "Accuracy"),
+    ("selection_rate", "Selection rate"),
+    ("true_positive_rate", "TPR"),
+    ("false_positive_rate", "FPR"),
+)
+DISPARITIES = (
+    ("demographic_parity_difference", "Demographic parity difference"),
+    ("demographic_parity_ratio", "Demographic parity ratio"),
+    ("equalized_odds_difference", "Equalized odds difference"),
+    ("equalized_odds_ratio", "Equalized odds ratio"),
+    ("accuracy_difference", "Accuracy difference"),
+)
+
+
+def _markdown_fairness(report: Report) -> list[str]:
+    """Per fairness breakdown: its groups' rates before (and after) pruning, then its
+    disparities with the change."""
+    lines: list[str] = []
+    after_evaluation = report.get("after") or {}
+    for key, (before, after) in _paired_breakdowns(report).items():
+        breakdown = before or after
+        title = " × ".join(md_text(a) for a in key)
+        positive = _class_text(report, breakdown.get("positive_class", 0))
+        lines += [
+            f"### Fairness: {title}",
+            "",
+            f"Decision: predicted {md_text(positive)}. Cells: value [95 % CI]; differences "
+            "are max − min and ratios min / max over the groups that are not too small.",
+            "",
+        ]
+        header = ["Group", *(["Model"] if after_evaluation else []), "n"]
+        names = len(header) - 1  # group (and model) columns, then the right-aligned n
+        separator = "|" + "---|" * names + "---:|" + "---|" * len(FAIRNESS_RATES)
+        lines += [_md_row([*header, *(label for _, label in FAIRNESS_RATES)]), separator]
+        small = False
+        for values, pair in _paired_fairness_groups(before, after).items():
+            for slot, group in zip(("before", "after"), pair, strict=True):
+                if group is None or (slot == "after" and not after_evaluation):
+                    continue
+                too_small = bool(group.get("too_small"))
+                small |= too_small
+                count = f"{int(as_number(group.get('count', 0)) or 0)}" + (
+                    " ⚠" if too_small else ""
+                )
+                cells = [" × ".join(md_text(v) for v in values)]
+                cells += [slot] if after_evaluation else []
+                cells += [count, *(_metric(group.get(field)) for field, _ in FAIRNESS_RATES)]
+                lines.append(_md_row(cells))
+        columns = ["Before", "After", "Change"] if after_evaluation else ["Value"]
+        lines += ["", _md_row(["Disparity", *columns]), "|---|" + "---|" * len(columns)]
+        for field, label in DISPARITIES:
+            cells = [label, _metric((before or {}).get(field))]
+            if after_evaluation:
+                cells += [_metric((after or {}).get(field)), _change(before, after, field)]
+            lines.append(_md_row(cells))
+        if small:
+            lines += [
+                "",
+                "⚠ fewer samples than the minimum group size: left out of the disparities.",
+            ]
+        lines.append("")
+    return lines
+
+
+def _text_fairness(report: Report) -> list[str]:
+    """The fairness breakdowns as aligned rows: group rates, then disparities."""
+    lines: list[str] = []
+    after_evaluation = report.get("after") or {}
+    for key, (before, after) in _paired_breakdowns(report).items():
+        breakdown = before or after
+        positive = _class_text(report, breakdown.get("positive_class", 0))
+        lines += ["", f"fairness by {' x '.join(key)}   (decision: predicted {positive})"]
+        rows = [["  group", *(["model"] if after_evaluation else []), "n"]]
+        rows[0] += [label.lower() for _, label in FAIRNESS_RATES]
+        for values, pair in _paired_fairness_groups(before, after).items():
+            for slot, group in zip(("before", "after"), pair, strict=True):
+                if group is None or (slot == "after" and not after_evaluation):
+                    continue
+                count = f"{int(as_number(group.get('count', 0)) or 0)}"
+                cells = [f"  {' x '.join(values)}", *([slot] if after_evaluation else [])]
+                cells += [count + ("!" if group.get("too_small") else "")]
+                cells += [_metric(group.get(field), ci=False) for field, _ in FAIRNESS_RATES]
+                rows.append(cells)
+        for field, label in DISPARITIES:
+            cells = [f"  {label.lower()}", *([""] if after_evaluation else []), ""]
+            cells += [_metric((before or {}).get(field), ci=False)]
+            if after_evaluation:
+                cells += [_metric((after or {}).get(field), ci=False)]
+            rows.append(cells)
+        lines += align(rows)
+    return lines
+
+
+def _paired_breakdowns(report: Report) -> dict[tuple[str, ...], list[Report | None]]:
+    """Fairness breakdowns keyed by their attributes, matching before and after."""
+    paired: dict[tuple[str, ...], list[Report | None]] = {}
+    for slot, scope in enumerate(("before", "after")):
+        for breakdown in (report.get(scope) or {}).get("fairness") or []:
+            key = tuple(str(a) for a in breakdown.get("attributes") or [])
+            paired.setdefault(key, [None, None])[slot] = breakdown
+    return paired
+
+
+def _paired_fairness_groups(
+    before: Report | None, after: Report | None
+) -> dict[tuple[str, ...], list[Report | None]]:
+    paired: dict[tuple[str, ...], list[Report | None]] = {}
+    for slot, breakdown in enumerate((before, after)):
+        for group in (breakdown or {}).get("groups") or []:
+            key = tuple(str(v) for v in group.get("values") or [])
+            paired.setdefault(key, [None, None])[slot] = group
+    return paired
+
+
+def _class_text(report: Report, label: Any) -> str:
+    """``ring (3)`` or ``class 3``, with the report's class names."""
+    index = int(as_number(label) or 0)
+    return class_label(index, class_name([str(n) for n in report.get("class_names") or []], index))
+
+
 # --- plain text (stdout) -----------------------------------------------------------------
 
 
@@ -185,6 +376,20 @@ def text_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
         lines.append(f"classes: {_classes(report)}")
     if _pruning(report):
         lines.append(f"pruning: {_pruning(report)}")
+    for summary in _multi_valued(report):
+        values = summary.get("values") or []
+        lines += [
+            "",
+            f"{summary.get('attribute', '?')}  layer {summary.get('layer', '?')}  "
+            f"{len(values)} values, one-vs-rest   (best subspace by test AP, base rate)",
+        ]
+        rows = [["  value", "best", "AP attribute", "flagged"]]
+        for value in values:
+            name, flag = _best_cells(value)
+            metric = _metric(value.get("ap_attribute"), base_rate=True)
+            rows.append([f"  {value.get('value', '?')}", name, metric, flag])
+        lines += align(rows)
+        lines += [f"  {line}" for line in _summary_sentences(summary, str)]
     for audit in report.get("attributes") or []:
         flagged = _flagged(audit)
         lines += [
@@ -225,6 +430,7 @@ def text_summary(report: Report, checks: Sequence[Check] | None = None) -> str:
         lines += ["", *align(rows)]
         if any(g.get("too_small") for e in (before, after) for g in e.get("groups") or []):
             lines.append("  ! fewer samples than the minimum group size")
+        lines += _text_fairness(report)
     if checks:
         passed = sum(check.passed for check in checks)
         lines += ["", f"gates: {passed}/{len(checks)} passed"]

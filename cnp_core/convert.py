@@ -23,12 +23,17 @@ from cnp_core.errors import InvalidSpec
 from cnp_core.results import (
     AP_COLUMNS,
     AttributeAudit,
+    AttributeSummary,
     AuditResult,
     Evaluation,
+    FairnessGroup,
+    GroupFairness,
     GroupMetric,
     Metric,
     PruningSummary,
     SubspaceScore,
+    SubspaceValues,
+    ValueSummary,
 )
 from cnp_core.spec import AuditSpec, DatasetRef, ModelRef, PruneSpec
 
@@ -148,6 +153,102 @@ def _attribute_back(a: report_pb2.AttributeAudit) -> AttributeAudit:
     )
 
 
+def _summary(s: AttributeSummary) -> report_pb2.AttributeSummary:
+    values = [
+        report_pb2.ValueSummary(
+            value=v.value,
+            n_subspaces=v.n_subspaces,
+            best_subspace=v.best_subspace,
+            ap_attribute=_metric(v.ap_attribute),
+            flagged_subspace=v.flagged_subspace,
+        )
+        for v in s.values
+    ]
+
+    def subspaces(items: list[SubspaceValues]) -> list[report_pb2.SubspaceValues]:
+        return [
+            report_pb2.SubspaceValues(n_subspaces=u.n_subspaces, index=u.index, values=u.values)
+            for u in items
+        ]
+
+    return report_pb2.AttributeSummary(
+        attribute=s.attribute,
+        layer=s.layer,
+        values=values,
+        shared=subspaces(s.shared),
+        removed=subspaces(s.removed),
+    )
+
+
+def _summary_back(s: report_pb2.AttributeSummary) -> AttributeSummary:
+    values = [
+        ValueSummary(
+            value=v.value,
+            n_subspaces=v.n_subspaces,
+            best_subspace=v.best_subspace,
+            ap_attribute=_metric_back(v.ap_attribute),
+            flagged_subspace=v.flagged_subspace,
+        )
+        for v in s.values
+    ]
+
+    def subspaces(items) -> list[SubspaceValues]:
+        return [SubspaceValues(u.n_subspaces, u.index, list(u.values)) for u in items]
+
+    return AttributeSummary(
+        attribute=s.attribute,
+        layer=s.layer,
+        values=values,
+        shared=subspaces(s.shared),
+        removed=subspaces(s.removed),
+    )
+
+
+def _metric_fields(cls: type) -> tuple[str, ...]:
+    """The fields of ``cls`` that hold a Metric (its proto message has the same names)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.type in (Metric, "Metric"))
+
+
+_RATES = _metric_fields(FairnessGroup)  # accuracy, selection and true/false positive rates
+_DISPARITIES = _metric_fields(GroupFairness)  # demographic parity, equalized odds, ...
+
+
+def _fairness(f: GroupFairness) -> report_pb2.GroupFairness:
+    groups = [
+        report_pb2.FairnessGroup(
+            values=g.values,
+            count=g.count,
+            too_small=g.too_small,
+            **{name: _metric(getattr(g, name)) for name in _RATES},
+        )
+        for g in f.groups
+    ]
+    return report_pb2.GroupFairness(
+        attributes=f.attributes,
+        positive_class=f.positive_class,
+        groups=groups,
+        **{name: _metric(getattr(f, name)) for name in _DISPARITIES},
+    )
+
+
+def _fairness_back(f: report_pb2.GroupFairness) -> GroupFairness:
+    groups = [
+        FairnessGroup(
+            values=list(g.values),
+            count=g.count,
+            too_small=g.too_small,
+            **{name: _metric_back(getattr(g, name)) for name in _RATES},
+        )
+        for g in f.groups
+    ]
+    return GroupFairness(
+        attributes=list(f.attributes),
+        positive_class=f.positive_class,
+        groups=groups,
+        **{name: _metric_back(getattr(f, name)) for name in _DISPARITIES},
+    )
+
+
 def _evaluation(e: Evaluation) -> report_pb2.Evaluation:
     groups = [
         report_pb2.GroupMetric(
@@ -169,6 +270,7 @@ def _evaluation(e: Evaluation) -> report_pb2.Evaluation:
         parameters=e.parameters,
         flops=e.flops,
         latency_ms=e.latency_ms,
+        fairness=[_fairness(f) for f in e.fairness],
     )
 
 
@@ -193,6 +295,7 @@ def _evaluation_back(e: report_pb2.Evaluation) -> Evaluation:
         parameters=e.parameters,
         flops=e.flops,
         latency_ms=e.latency_ms,
+        fairness=[_fairness_back(f) for f in e.fairness],
     )
 
 
@@ -217,6 +320,7 @@ def report_to_proto(
         versions=result.versions,
         service_version=service_version,
         class_names=result.class_names,
+        attribute_summaries=[_summary(s) for s in result.attribute_summaries],
     )
     if result.before is not None:
         report.before.CopyFrom(_evaluation(result.before))
@@ -271,6 +375,7 @@ def result_from_proto(report: report_pb2.AuditReport) -> AuditResult:
         versions=dict(report.versions),
         artifacts={a.name: a.name for a in report.artifacts},
         class_names=list(report.class_names),
+        attribute_summaries=[_summary_back(s) for s in report.attribute_summaries],
     )
 
 

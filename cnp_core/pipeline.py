@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .architectures import check_name, layer_of
+from .audit import summarise_attributes
 from .concepts import context_composite, learn_concepts
 from .data import ImageTable, SplitRows, load_dataset, split_rows, validate_images
 from .debias import check_prune, concept_to_remove, debias
@@ -33,6 +34,7 @@ from .report import summary, versions, write_report
 from .results import AuditResult, class_label, class_name
 from .spec import AuditSpec
 from .stages import ProgressCallback, Stages
+from .tables import check_model_inputs, check_model_runs, load_table
 
 __all__ = ["run_audit", "summary", "validate"]
 
@@ -50,6 +52,7 @@ def _load(
         get_layer(model, layer)
     spec.composite = context_composite(spec)
     table = _load_table(spec, allowed_roots, digest=True)
+    check_model_runs(model, table)  # a table's row must be one input of the model
     return model, table, split_rows(table, spec.seed)
 
 
@@ -58,13 +61,15 @@ def _load_table(
 ) -> ImageTable:
     """labels.csv read against the model's classes; the spec's class names resolved to
     indices (the spec then records both)."""
-    table = load_dataset(
+    load = load_table if spec.dataset.is_table else load_dataset
+    table = load(
         spec.dataset,
         spec.attributes,
         classes=spec.model.classes,
         allowed_roots=allowed_roots,
         digest=digest,
     )
+    check_model_inputs(spec.model, table)
     _check_classes(spec, table)
     return table
 
@@ -151,7 +156,8 @@ def _audit(
     """The stages from loading to pruning; the stages compute on ``spec.device``."""
     model, table, splits = _load(spec, allowed_roots)
     check_prune(model, spec)  # before the audit: a pruning stage that cannot run fails now
-    validate_images(table)
+    if not spec.dataset.is_table:
+        validate_images(table)
 
     run.stage("evaluate", "evaluating the model per group")
     before = evaluate_table(model, table, splits.test, spec)
@@ -161,7 +167,12 @@ def _audit(
     )
 
     run.stage("heatmaps", "rendering subspace heatmaps")
-    artifacts = audit_heatmaps(model, table, splits, spec, concepts, workdir)
+    # Heatmaps are drawn over images; a table's rows have none to draw on.
+    artifacts = (
+        {}
+        if spec.dataset.is_table
+        else audit_heatmaps(model, table, splits, spec, concepts, workdir)
+    )
 
     result = AuditResult(
         spec=spec,
@@ -172,6 +183,9 @@ def _audit(
         versions=versions(),
         artifacts=artifacts,
         class_names=table.class_names,
+        attribute_summaries=summarise_attributes(
+            spec.attributes, concepts.audits, removed=concepts.flagged, basis_of=concepts.concept_of
+        ),
     )
     if spec.prune is not None:
         run.stage("prune", f"{spec.prune.method} pruning at rate {spec.prune.rate}")

@@ -107,13 +107,55 @@ def flatten_spec(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return params
 
 
-def _metric_values(prefix: tuple, metric: report_pb2.Metric) -> dict[str, float]:
-    return {
+def _metric_values(
+    prefix: tuple, metric: report_pb2.Metric, *, base_rate: bool = True
+) -> dict[str, float]:
+    values = {
         _key(*prefix): metric.value,
         _key(*prefix[:-1], prefix[-1] + ".ci_low"): metric.ci_low,
         _key(*prefix[:-1], prefix[-1] + ".ci_high"): metric.ci_high,
-        _key(*prefix[:-1], prefix[-1] + ".base_rate"): metric.base_rate,
     }
+    if base_rate:
+        values[_key(*prefix[:-1], prefix[-1] + ".base_rate")] = metric.base_rate
+    return values
+
+
+def _metric_fields(message: Any) -> list[str]:
+    """The fields of a message type that hold a Metric, in field order."""
+    return [
+        f.name
+        for f in message.DESCRIPTOR.fields
+        if f.message_type is not None and f.message_type.name == "Metric"
+    ]
+
+
+# Group rates (accuracy, selection rate, TPR, FPR) and disparities of a fairness breakdown.
+FAIRNESS_RATES = _metric_fields(report_pb2.FairnessGroup)
+DISPARITIES = _metric_fields(report_pb2.GroupFairness)
+
+
+def fairness_name(names: Any) -> str:
+    """One segment for the attributes of a breakdown, or the values of a group:
+    ``sex``, ``sex x race`` (an intersection); each name made safe on its own."""
+    return " x ".join(_part(name) for name in names)
+
+
+def _fairness_metrics(scope: str, evaluation: report_pb2.Evaluation) -> dict[str, float]:
+    """``before/fairness/sex x race/equalized_odds_difference`` (with its interval), and
+    per group ``.../group/female x black/selection_rate`` and its count."""
+    metrics: dict[str, float] = {}
+    for breakdown in evaluation.fairness:
+        head = (scope, "fairness", fairness_name(breakdown.attributes))
+        for field in DISPARITIES:
+            metrics.update(
+                _metric_values((*head, field), getattr(breakdown, field), base_rate=False)
+            )
+        for g in breakdown.groups:
+            group = (*head, "group", fairness_name(g.values))
+            for field in FAIRNESS_RATES:
+                metrics.update(_metric_values((*group, field), getattr(g, field), base_rate=False))
+            metrics[_key(*group, "count")] = g.count
+    return metrics
 
 
 def subspace_name(index: int) -> str:
@@ -123,6 +165,25 @@ def subspace_name(index: int) -> str:
 
 def _class_name(group: report_pb2.GroupMetric) -> str:
     return group.label_name or f"class {group.label}"
+
+
+def _summary_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
+    """A multi-valued attribute as a whole, comparable across runs: per value its best
+    test AP_attribute; how many values flagged a subspace, how many subspaces serve two
+    or more values, how many CNP removes for the attribute."""
+    metrics: dict[str, float] = {}
+    for summary in report.attribute_summaries:
+        if len(summary.values) < 2:  # a binary attribute: its one table says it all
+            continue
+        head = ("attribute", summary.attribute, summary.layer)
+        for v in summary.values:
+            metrics.update(_metric_values((*head, v.value, "best_ap_attribute"), v.ap_attribute))
+        metrics[_key(*head, "values_flagged")] = sum(
+            v.flagged_subspace >= 0 for v in summary.values
+        )
+        metrics[_key(*head, "shared_subspaces")] = len(summary.shared)
+        metrics[_key(*head, "removed_subspaces")] = len(summary.removed)
+    return metrics
 
 
 def report_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
@@ -138,6 +199,7 @@ def report_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
             metrics[_key(*head, name, "mean_relevance")] = s.mean_relevance
             for field, _, _ in AP_COLUMNS:
                 metrics.update(_metric_values((*head, name, field), getattr(s, field)))
+    metrics.update(_summary_metrics(report))
     for name in ("before", "after"):
         if not report.HasField(name):
             continue
@@ -150,6 +212,7 @@ def report_metrics(report: report_pb2.AuditReport) -> dict[str, float]:
             group = (name, "group", _class_name(g), g.attribute, g.value)
             metrics.update(_metric_values((*group, "accuracy"), g.accuracy))
             metrics[_key(*group, "count")] = g.count
+        metrics.update(_fairness_metrics(name, evaluation))
         for field in ("parameters", "flops", "latency_ms"):
             metrics[_key(name, field)] = getattr(evaluation, field)
     if report.HasField("pruning"):
@@ -173,6 +236,12 @@ def model_steps(report: report_pb2.AuditReport) -> list[tuple[str, float, int]]:
             for field in ("balanced_accuracy", "worst_group_accuracy"):
                 points.append((f"model/{field}", getattr(evaluation, field).value, step))
             points.append(("model/parameters", float(evaluation.parameters), step))
+            for breakdown in evaluation.fairness:  # disparities, charted before -> after
+                head = ("fairness", fairness_name(breakdown.attributes))
+                points += [
+                    (_key(*head, field), getattr(breakdown, field).value, step)
+                    for field in DISPARITIES
+                ]
     return points
 
 
