@@ -81,6 +81,9 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 API_VERSION = spec_pb2.DESCRIPTOR.package  # "cnp.v1"
 # `--summary` without a file: GitHub Actions' job summary of the current step.
 STEP_SUMMARY = "$GITHUB_STEP_SUMMARY"
+# The artifact `cnp report --format html` downloads (cnp_core.review.REVIEW_NAME; the
+# client does not import the science library's plotting).
+REVIEW_ARTIFACT = "review.html"
 
 
 class CliError(Exception):
@@ -328,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--download-model", metavar="F", help="save the pruned model here (default: not saved)"
     )
+    report.add_argument(
+        "--format",
+        choices=("text", "html"),
+        default="text",
+        help="text: print the tables; html: download the job's fairness review (one "
+        "self-contained HTML page with plots and heatmaps) to -o F instead; gates and the "
+        "other files work the same (default: %(default)s)",
+    )
+    report.add_argument(
+        "-o",
+        "--output",
+        metavar="F",
+        help="where --format html writes the review (default: ID-review.html)",
+    )
 
     jobs = commands.add_parser(
         "jobs", help="list recent audits", epilog=EXIT_CODES_HELP, formatter_class=formatter
@@ -469,7 +486,10 @@ def _finish(args: argparse.Namespace, client: AuditClient, audit_id: str, gating
     _write_summary(args, reports.markdown_summary(report, checks))
     if getattr(args, "download_model", None):
         _download_model(client, audit_id, args.download_model)
-    if not args.quiet:
+    html = getattr(args, "format", "text") == "html"
+    if html:
+        _download_review(client, audit_id, args.output or f"{audit_id}-review.html")
+    if not args.quiet and not html:
         human.write(reports.text_summary(report, checks))
         _print_run(client.get(audit_id), human)
         human.flush()
@@ -493,6 +513,17 @@ def _print_warnings(checks: Sequence[Check]) -> None:
 def _download_model(client: AuditClient, audit_id: str, path: str) -> None:
     target = client.download_model(audit_id, Path(path).expanduser())
     print(f"cnp: pruned model written to {target}", file=sys.stderr)
+
+
+def _download_review(client: AuditClient, audit_id: str, path: str) -> None:
+    """The job's review.html (only a job that succeeded gets here: the report came first)."""
+    if REVIEW_ARTIFACT not in {a.name for a in client.artifacts(audit_id)}:
+        raise CliError(
+            f"audit {audit_id} has no {REVIEW_ARTIFACT}: it was run by a server that wrote no "
+            f"reviews; `cnp report {audit_id}` prints its tables"
+        )
+    target = client.download_artifact(audit_id, REVIEW_ARTIFACT, Path(path).expanduser())
+    print(f"cnp: review written to {target}", file=sys.stderr)
 
 
 # --- progress ----------------------------------------------------------------------------
@@ -711,6 +742,8 @@ def cmd_spec(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.output and args.format != "html":
+        raise CliError("-o/--output names the file of --format html")
     gating = _prepare_gates(args)
     _summary_target(args)
     client = _client(args)
