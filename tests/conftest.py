@@ -36,6 +36,19 @@ BENCHMARKS = (
     {"correlation": 0.5},
     {"style": "text"},
 )
+# The four-valued tint benchmark of tests/test_multivalued.py (small: it trains in the
+# pool's last round, beside the text benchmark).
+TINT_QUICK = {
+    "style": "tint",
+    "tint_values": 4,
+    "image_size": 32,
+    "seed": 2,
+    "train_sizes": (100, 200),
+    "val_per_class": 24,
+    "test_per_class": 40,
+    "epochs": 8,
+}
+BENCHMARKS += (TINT_QUICK,)
 
 
 @pytest.fixture(scope="session")

@@ -108,3 +108,14 @@ def test_cli_audit_and_prune_on_the_watermark_benchmark(server, benchmark, tmp_p
     assert f"audit {report['audit_id']}" in failing.stderr
     suite = ET.parse(out / "fairness.xml").getroot().find("testsuite")
     assert (suite.get("tests"), suite.get("failures")) == ("2", "2")
+
+    # The job's HTML review, downloaded as the server wrote it.
+    review = out / "review.html"
+    fetched = cnp(
+        "report", report["audit_id"], "--server", server.address,
+        "--token-file", str(server.data_dir / "token"), "--format", "html", "-o", str(review),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert fetched.returncode == 0, fetched.stderr
+    job_dir = server.data_dir / "jobs" / report["audit_id"]
+    assert review.read_bytes() == (job_dir / "review.html").read_bytes()
