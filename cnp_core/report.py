@@ -66,10 +66,10 @@ def _finite(value):
     return value
 
 
-def write_report(result: AuditResult, workdir: Path) -> None:
+def write_report(result: AuditResult, workdir: Path, *, review: bool = True) -> None:
     """report.json (the whole result), audit_table.csv (one row per subspace),
-    fairness.csv (group rates and disparities, when measured) and review.html
-    (:mod:`cnp_core.review`)."""
+    fairness.csv (group rates and disparities, when measured) and, with ``review``,
+    review.html (:mod:`cnp_core.review`)."""
     report = workdir / "report.json"
     result.artifacts["report"] = str(report)
     table = workdir / "audit_table.csv"
@@ -77,7 +77,8 @@ def write_report(result: AuditResult, workdir: Path) -> None:
     if any(e is not None and e.fairness for e in (result.before, result.after)):
         result.artifacts["fairness"] = str(write_fairness_csv(result, workdir / "fairness.csv"))
     # The HTML review a person reads (plots, heatmaps embedded), listed before report.json.
-    result.artifacts[REVIEW_NAME] = str(write_review(result, workdir))
+    if review:
+        result.artifacts[REVIEW_NAME] = str(write_review(result, workdir))
     report.write_text(json.dumps(_finite(result.to_dict()), indent=2, default=_json_default))
     columns = [field for field, _, _ in AP_COLUMNS]
     # The class pair the ap_class columns predict, as the summaries show it.

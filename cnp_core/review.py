@@ -27,12 +27,14 @@ from .heatmaps import FLAG_COLOUR, plot_text
 from .results import (
     AP_COLUMNS,
     AttributeAudit,
+    AttributeSummary,
     AuditResult,
     Evaluation,
     FairnessGroup,
     GroupFairness,
     GroupMetric,
     Metric,
+    SubspaceValues,
     class_label,
     class_name,
 )
@@ -461,6 +463,8 @@ def _audit_section(result: AuditResult) -> str:
         "precision, AP). An AP far above its base rate (the positive fraction, what a random "
         "score achieves) means the model's explanation uses that subspace for the value.</p>",
     ]
+    # Multi-valued attributes as a whole, above their one-vs-rest tables.
+    parts += [_summary_table(s) for s in result.attribute_summaries if len(s.values) > 1]
     blocks: dict[tuple[str, str, int], list[AttributeAudit]] = {}
     for audit in result.attributes:
         blocks.setdefault((audit.attribute, audit.layer, audit.n_subspaces), []).append(audit)
@@ -480,6 +484,36 @@ def _audit_section(result: AuditResult) -> str:
         for audit in audits:
             parts.append(_audit_table(audit))
     return "\n".join(parts)
+
+
+def _summary_table(summary: AttributeSummary) -> str:
+    """A multi-valued attribute as a whole: per value its best subspace and flag, then the
+    subspaces several values share and those CNP removes (:class:`AttributeSummary`)."""
+
+    def name(k: int, n_subspaces: int) -> str:
+        return f"S{k + 1} (K={n_subspaces})" if k >= 0 else "none"
+
+    def listed(items: Sequence[SubspaceValues]) -> str:
+        return "; ".join(
+            f"{name(u.index, u.n_subspaces)} for {', '.join(_esc(v) for v in u.values)}"
+            for u in items
+        )
+
+    rows = [
+        [
+            f"<code>{_esc(v.value)}</code>",
+            name(v.best_subspace, v.n_subspaces),
+            _metric(v.ap_attribute, base=True),
+            name(v.flagged_subspace, v.n_subspaces),
+        ]
+        for v in summary.values
+    ]
+    return (
+        f"<h3>{_esc(summary.attribute)} as a whole, at {_esc(summary.layer)}</h3>"
+        + _table(["value", "best subspace", "its AP attribute", "flagged"], rows)
+        + f"<p>One subspace for several values: {listed(summary.shared) or 'none'}. "
+        f"CNP removes: {listed(summary.removed) or 'nothing at this layer'}.</p>"
+    )
 
 
 def _audit_table(audit: AttributeAudit) -> str:

@@ -397,3 +397,19 @@ def test_report_html_names_a_missing_review_or_a_failed_job_clearly(
 
     assert main(_report_args(scripted, old, "-o", str(target))) == 2
     assert "-o/--output names the file of --format html" in capsys.readouterr().err
+
+
+def test_a_multi_valued_attribute_is_summarised_as_a_whole_and_escaped(tmp_path):
+    from cnp_core.results import AttributeSummary, SubspaceValues, ValueSummary
+
+    result = _constructed(tmp_path)
+    m = Metric(0.9, 0.85, 0.95, 0.25)
+    values = [ValueSummary("a", 4, 1, m, 1), ValueSummary("<b>x</b>", 4, 1, m, -1)]
+    shared = [SubspaceValues(4, 1, ["a", "<b>x</b>"])]
+    result.attribute_summaries = [
+        AttributeSummary("group", "layer2", values, shared=shared, removed=shared[:1])
+    ]
+    page = render_review(result)
+    assert "group as a whole, at layer2" in page
+    assert "One subspace for several values: S2 (K=4) for a, &lt;b&gt;x&lt;/b&gt;." in page
+    assert "CNP removes: S2 (K=4)" in page and "<b>x</b>" not in page
