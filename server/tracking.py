@@ -418,7 +418,8 @@ class RunLogger:
             run = self.client.create_run(
                 experiment,
                 start_time=int((job.started_at or job.created_at) * 1000),
-                tags={TAG_AUDIT_ID: job.id},
+                # The client's tags from the first moment the run is visible, not a log later.
+                tags=self._tags(job, None),
                 run_name=job.id,
             )
             run_id = run.info.run_id
