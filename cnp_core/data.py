@@ -305,34 +305,42 @@ def _class_names(root: Path, classes: Sequence[str]) -> tuple[list[str], bytes]:
     return list(classes) or listed, raw
 
 
-def _read_classes_file(root: Path) -> tuple[list[str], bytes]:
-    """classes.txt's names, one a line (UTF-8, surrounding spaces ignored), and its bytes;
-    nothing without one."""
-    path = root / CLASSES_FILE
+def read_name_list(
+    root: Path, name: str, max_bytes: int, limit: str, what: str
+) -> tuple[list[str], bytes] | None:
+    """A file beside labels.csv naming one thing a line (classes.txt, features.txt):
+    its lines (UTF-8, surrounding spaces ignored, trailing blank lines dropped) and its
+    bytes; None without one. ``limit`` explains ``max_bytes``; ``what`` names the lines."""
+    path = root / name
     if not path.exists():
-        return [], b""
+        return None
     if not path.resolve().is_relative_to(root):
-        raise DatasetError(f"{CLASSES_FILE} is a symlink that leads outside the dataset root")
+        raise DatasetError(f"{name} is a symlink that leads outside the dataset root")
     if not path.is_file():
-        raise DatasetError(f"{CLASSES_FILE} is not a file")
+        raise DatasetError(f"{name} is not a file")
     size = path.stat().st_size
-    if size > MAX_CLASSES_BYTES:
-        raise DatasetError(
-            f"{CLASSES_FILE} is {size} bytes, over the limit of {MAX_CLASSES_BYTES} "
-            f"({MAX_CLASSES} names of at most {MAX_NAME} characters)"
-        )
+    if size > max_bytes:
+        raise DatasetError(f"{name} is {size} bytes, over the limit of {max_bytes} ({limit})")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DatasetError(
-            f"{CLASSES_FILE} is not UTF-8 text ({err.reason} at byte {err.start})"
-        ) from None
-    _refuse_control_characters(text, CLASSES_FILE, "class names")
+        raise DatasetError(f"{name} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    _refuse_control_characters(text, name, what)
     # split("\n"), not splitlines(): U+2028 and friends would shift the line numbers.
     lines = [line.strip() for line in text.split("\n")]
     while lines and not lines[-1]:
         lines.pop()
+    return lines, raw
+
+
+def _read_classes_file(root: Path) -> tuple[list[str], bytes]:
+    """classes.txt's names, one a line, and its bytes; nothing without one."""
+    limit = f"{MAX_CLASSES} names of at most {MAX_NAME} characters"
+    read = read_name_list(root, CLASSES_FILE, MAX_CLASSES_BYTES, limit, "class names")
+    if read is None:
+        return [], b""
+    lines, raw = read
     check_class_names(
         lines,
         CLASSES_FILE,

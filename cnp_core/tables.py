@@ -32,11 +32,11 @@ from .data import (
     ImageTable,
     _class_names,
     _label,
-    _refuse_control_characters,
     _split,
     check_attribute_values,
     errors_on_root,
     read_labels,
+    read_name_list,
 )
 from .errors import DatasetError
 from .paths import PathLike, listing
@@ -135,34 +135,14 @@ def _read_table(
 
 def _read_features_file(root: Path) -> tuple[list[str], bytes]:
     """features.txt's column names, one a line (surrounding spaces ignored), and its bytes."""
-    path = root / FEATURES_FILE
-    if not path.exists():
+    limit = f"{MAX_UNITS} names of at most {MAX_NAME} characters"
+    read = read_name_list(root, FEATURES_FILE, MAX_FEATURES_BYTES, limit, "feature names")
+    if read is None:
         raise DatasetError(
             f"a table dataset needs a {FEATURES_FILE} beside labels.csv: the feature column "
             "names, one per line, in the model's input order"
         )
-    if not path.resolve().is_relative_to(root):
-        raise DatasetError(f"{FEATURES_FILE} is a symlink that leads outside the dataset root")
-    if not path.is_file():
-        raise DatasetError(f"{FEATURES_FILE} is not a file")
-    size = path.stat().st_size
-    if size > MAX_FEATURES_BYTES:
-        raise DatasetError(
-            f"{FEATURES_FILE} is {size} bytes, over the limit of {MAX_FEATURES_BYTES} "
-            f"({MAX_UNITS} names of at most {MAX_NAME} characters)"
-        )
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DatasetError(
-            f"{FEATURES_FILE} is not UTF-8 text ({err.reason} at byte {err.start})"
-        ) from None
-    _refuse_control_characters(text, FEATURES_FILE, "feature names")
-    # split("\n"), not splitlines(): U+2028 and friends would shift the line numbers.
-    lines = [line.strip() for line in text.split("\n")]
-    while lines and not lines[-1]:
-        lines.pop()
+    lines, raw = read
     seen: dict[str, int] = {}
     for number, name in enumerate(lines, start=1):
         where = f"{FEATURES_FILE} line {number}"
