@@ -313,7 +313,11 @@ def markdown(name: str, records: list[dict], rates: list[float]) -> str:
             f"{r['training']['test_balanced_accuracy']:.3f} | "
             f"{_aps(r['audit'].get('sex', {}))} | {_aps(r['audit'].get('race', {}))} |"
         )
-    lines += ["", "AP: value [95 % interval] / base rate; * flagged (AP >= flag_threshold)."]
+    lines += [
+        "",
+        "AP: value [95 % interval] / base rate; * flagged (AP at or above the flag level: "
+        "flag_threshold at base rate 0.5, the same lift over chance elsewhere).",
+    ]
     lines += ["", "## Before and after pruning, per seed (value [95 % interval])", ""]
     runs = ["before"] + [f"{m}@{rate:g}" for rate in rates for m in METHODS]
     lines += ["| seed | model | " + " | ".join(label for label, _ in MEASURES) + " |"]

@@ -130,6 +130,20 @@ class Candidate:
     residue_test: np.ndarray | None = None
 
 
+def flag_level(threshold: float, base_rate: float) -> float:
+    """The test AP_attribute a subspace must reach to be flagged: ``threshold`` where the
+    attribute's base rate is 0.5 (balanced test splits, where every default was chosen),
+    and the same lift over chance elsewhere, base + (1 - base)(2 threshold - 1). An
+    absolute AP would flag a value most samples carry by its base rate alone (Adult's
+    "White", base 0.86) and miss a strong signal for a value a quarter of them carry."""
+    return base_rate + (1.0 - base_rate) * (2.0 * threshold - 1.0)
+
+
+def is_flagged(ap: Metric, threshold: float) -> bool:
+    """Whether an AP_attribute clears :func:`flag_level` at its own base rate."""
+    return bool(ap.value >= flag_level(threshold, ap.base_rate))
+
+
 def audit_attribute(
     attribute: str,
     value: str,
@@ -146,8 +160,8 @@ def audit_attribute(
 
     Per layer, K and the flagged subspace are chosen on the validation split; the table
     and the flag decision use the test split, so the reported AP is not inflated by the
-    choice. A subspace is flagged when its test AP_attribute clears ``threshold``.
-    """
+    choice. A subspace is flagged when its test AP_attribute clears ``threshold`` as
+    :func:`flag_level` adjusts it to the base rate (exactly ``threshold`` at base 0.5)."""
     by_layer: dict[str, tuple[float, Candidate, int]] = {}
     for cand in candidates:
         val_scores = concept_scores(cand.relevance_val, score, cand.residue_val)
@@ -165,7 +179,7 @@ def audit_attribute(
             resamples=resamples,
             seed=seed,
         )
-        flagged = k if k >= 0 and table[k].ap_attribute.value >= threshold else -1
+        flagged = k if k >= 0 and is_flagged(table[k].ap_attribute, threshold) else -1
         audits.append(
             AttributeAudit(
                 attribute=attribute,

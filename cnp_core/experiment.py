@@ -200,8 +200,9 @@ def learn_projection(
     if projection is None:
         best = max(a.selection_ap for a in concepts.audits)
         raise NoFlaggedSubspace(
-            f"no subspace predicts {attribute} at {spec.layers[0]} with AP >= "
-            f"{spec.flag_threshold} (best on validation: {best:.3f})"
+            f"no subspace predicts {attribute} at {spec.layers[0]} at the flag level "
+            f"(flag_threshold {spec.flag_threshold} at base rate 0.5; best on validation: "
+            f"{best:.3f})"
         )
     audit = concepts.flagged(attribute)[0]
     ap = audit.subspaces[audit.flagged_subspace].ap_attribute.value

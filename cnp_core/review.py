@@ -225,7 +225,7 @@ def _ap_heatmap(audits: Sequence[AttributeAudit], threshold: float) -> Figure:
     ax.set_xlabel(f"value of {plot_text(audits[0].attribute)}", fontsize=9)
     ax.set_title(
         f"AP_attribute at {plot_text(audits[0].layer)}, K={audits[0].n_subspaces} "
-        f"(flag at {threshold:g})",
+        f"(flag at {threshold:g} for base rate 0.5)",
         fontsize=9,
     )
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03, label="AP")
@@ -431,8 +431,9 @@ def _verdict(result: AuditResult) -> str:
                 key=lambda pair: pair[0],
             )
             lines.append(
-                f"<li>{name} <span class='badge ok'>not flagged</span> no subspace reaches AP "
-                f"{result.spec.flag_threshold:g} (best {_num(best[0])}, value "
+                f"<li>{name} <span class='badge ok'>not flagged</span> no subspace reaches the "
+                f"flag level ({result.spec.flag_threshold:g} at base rate 0.5; best "
+                f"{_num(best[0])}, value "
                 f"<code>{_esc(best[1].value)}</code>)</li>"
             )
         else:
@@ -477,7 +478,8 @@ def _audit_section(result: AuditResult) -> str:
                 _png(fig),
                 "Rows: subspaces S1..SK; columns: the attribute's values, each audited "
                 "one-vs-rest. Each cell: AP_attribute on the test split, with its base rate in "
-                f"parentheses; darker is higher. Red frame: the flagged subspace (AP ≥ {threshold:g}).",
+                f"parentheses; darker is higher. Red frame: the flagged subspace (AP ≥ {threshold:g} "
+                "at base rate 0.5, and the same lift over chance at other base rates).",
                 f"AP heatmap of {attribute} at {layer}",
             )
         )

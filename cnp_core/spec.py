@@ -238,7 +238,10 @@ class AuditSpec:
     # population it flagged the same models as 400 epochs, at higher AP (0.97-1.00 vs
     # 0.95-1.00), in half the audit time (README, "Verdict reliability").
     drsa_max_epochs: int = 150
-    flag_threshold: float = 0.8  # AP_attribute a subspace must reach to be flagged
+    # AP_attribute a subspace must reach to be flagged where the attribute's base rate is
+    # 0.5; at other base rates the same lift over chance (cnp_core.audit.flag_level: 0.70
+    # at base 0.25, 0.94 at base 0.86).
+    flag_threshold: float = 0.8
     bootstrap: int = 200  # resamples for confidence intervals; 0 disables them
     min_group_size: int = 10
     heatmap_samples: int = 4  # image heatmaps; ignored for a table

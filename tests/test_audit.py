@@ -122,3 +122,18 @@ def test_vectorised_average_precision_equals_scikit_learn_row_by_row():
     many = np.tile(target[0], 20), np.tile(score[0] + rng.random(40), 20)
     narrow = average_precision(*many, resamples=200, seed=1)
     assert narrow.ci_high - narrow.ci_low < (wide.ci_high - wide.ci_low) / 2
+
+
+def test_the_flag_level_is_the_threshold_at_base_rate_half_and_the_same_lift_elsewhere():
+    from cnp_core.audit import flag_level, is_flagged
+    from cnp_core.results import Metric
+
+    assert flag_level(0.8, 0.5) == pytest.approx(0.8)  # where every default was chosen
+    assert flag_level(0.8, 0.25) == pytest.approx(0.70)
+    assert flag_level(0.8, 6 / 7) == pytest.approx(0.943, abs=1e-3)
+    assert flag_level(0.5, 0.3) == pytest.approx(0.3)  # 0.5: anything above chance
+    # Adult: "Male" (base 0.667) at AP 0.82 is mostly its base rate; not flagged. A
+    # quarter-valued tint at AP 0.72 is a strong signal; flagged.
+    assert not is_flagged(Metric(0.822, 0.81, 0.83, 0.667), 0.8)
+    assert is_flagged(Metric(0.72, 0.70, 0.74, 0.25), 0.8)
+    assert not is_flagged(Metric(float("nan"), 0, 0, 0.5), 0.8)
