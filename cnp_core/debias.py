@@ -76,7 +76,8 @@ def concept_to_remove(concepts: ConceptAudit, spec: AuditSpec) -> Projection | N
     if projection is None and pruning_criterion(spec.prune.method).uses_concept:
         raise NoFlaggedSubspace(
             f"{spec.prune.method.upper()} was asked to remove {attribute!r}, but the audit "
-            f"flagged no subspace for it (threshold {spec.flag_threshold}): lower "
+            f"flagged no subspace for it (flag_threshold {spec.flag_threshold}, adjusted to each "
+            "value's base rate): lower "
             "flag_threshold, audit with more subspaces (n_subspaces), or use the supervised "
             "method 'cav'"
         )
