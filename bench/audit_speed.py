@@ -42,14 +42,14 @@ def gradient_pass(spec, device: str = "cpu") -> tuple[float, int]:
     import torch
     import torch.nn.functional as F
 
-    from cnp_core.data import LabelledImages, load_dataset, make_loader
+    from cnp_core.data import load_dataset, make_loader
     from cnp_core.models import load_model
 
     model = load_model(spec.model).to(device)
     table = load_dataset(spec.dataset, spec.attributes)
     rows = torch.arange(len(table.labels)).numpy()
     began = time.perf_counter()
-    for images, labels in make_loader(LabelledImages(table, rows, spec.dataset), spec.batch_size):
+    for images, labels in make_loader(table.labelled(rows, spec.dataset), spec.batch_size):
         F.cross_entropy(model(images.to(device)), labels.to(device)).backward()
         model.zero_grad(set_to_none=True)
     if device.startswith("cuda"):

@@ -80,7 +80,7 @@ class ImageTable:
 
     def labelled(self, indices: Sequence[int] | np.ndarray, ref: DatasetRef) -> Dataset:
         """Rows ``indices`` as (model input, class label) pairs, for training."""
-        return LabelledImages(self, indices, ref)
+        return Labelled(self.samples(indices, ref))
 
     def _column(self, attribute: str) -> np.ndarray:
         if attribute not in self.attributes:
@@ -590,12 +590,19 @@ class ImageDataset(Dataset):
         return torch.stack([self[n][0] for n in range(len(self))])
 
 
-class LabelledImages(ImageDataset):
-    """Rows of a table as ``(image, class label)`` pairs, for training."""
+class Labelled(Dataset):
+    """``(model input, class label)`` pairs of a dataset of ``(model input, row index)``
+    pairs (:meth:`ImageTable.samples`: images, or rows of a table), for training."""
+
+    def __init__(self, samples: Dataset):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, n: int) -> tuple[torch.Tensor, int]:
-        image, index = super().__getitem__(n)
-        return image, int(self.table.labels[index])
+        item, index = self.samples[n]
+        return item, int(self.samples.table.labels[index])
 
 
 def make_loader(

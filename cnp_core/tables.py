@@ -59,9 +59,6 @@ class FeatureTable(ImageTable):
     def samples(self, indices: Sequence[int] | np.ndarray, ref: DatasetRef) -> Dataset:
         return FeatureRows(self, indices)
 
-    def labelled(self, indices: Sequence[int] | np.ndarray, ref: DatasetRef) -> Dataset:
-        return LabelledRows(self, indices)
-
 
 class FeatureRows(Dataset):
     """Rows ``indices`` of a table as ``(feature vector, row index)`` pairs."""
@@ -80,14 +77,6 @@ class FeatureRows(Dataset):
     def stack(self) -> torch.Tensor:
         """Every row as one N x F tensor."""
         return torch.from_numpy(self.table.features[self.indices])
-
-
-class LabelledRows(FeatureRows):
-    """Rows of a table as ``(feature vector, class label)`` pairs, for training."""
-
-    def __getitem__(self, n: int) -> tuple[torch.Tensor, int]:
-        features, index = super().__getitem__(n)
-        return features, int(self.table.labels[index])
 
 
 def load_table(
