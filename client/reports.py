@@ -338,25 +338,28 @@ def _text_fairness(report: Report) -> list[str]:
     return lines
 
 
+def _paired(
+    before: Report | None, after: Report | None, items: str, key: str
+) -> dict[tuple[str, ...], list[Report | None]]:
+    """The ``items`` lists of ``before`` and ``after`` matched by their ``key`` list (a
+    breakdown's attributes, a group's values): key -> [before item, after item]."""
+    paired: dict[tuple[str, ...], list[Report | None]] = {}
+    for slot, owner in enumerate((before, after)):
+        for item in (owner or {}).get(items) or []:
+            paired.setdefault(tuple(str(v) for v in item.get(key) or []), [None, None])[slot] = item
+    return paired
+
+
 def _paired_breakdowns(report: Report) -> dict[tuple[str, ...], list[Report | None]]:
     """Fairness breakdowns keyed by their attributes, matching before and after."""
-    paired: dict[tuple[str, ...], list[Report | None]] = {}
-    for slot, scope in enumerate(("before", "after")):
-        for breakdown in (report.get(scope) or {}).get("fairness") or []:
-            key = tuple(str(a) for a in breakdown.get("attributes") or [])
-            paired.setdefault(key, [None, None])[slot] = breakdown
-    return paired
+    return _paired(report.get("before"), report.get("after"), "fairness", "attributes")
 
 
 def _paired_fairness_groups(
     before: Report | None, after: Report | None
 ) -> dict[tuple[str, ...], list[Report | None]]:
-    paired: dict[tuple[str, ...], list[Report | None]] = {}
-    for slot, breakdown in enumerate((before, after)):
-        for group in (breakdown or {}).get("groups") or []:
-            key = tuple(str(v) for v in group.get("values") or [])
-            paired.setdefault(key, [None, None])[slot] = group
-    return paired
+    """A breakdown's groups keyed by their values, matching before and after."""
+    return _paired(before, after, "groups", "values")
 
 
 def _class_text(report: Report, label: Any) -> str:
