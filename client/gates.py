@@ -373,13 +373,16 @@ def _evaluation_value(evaluation: Report, metric: str, bound: str = "value") -> 
     return as_number(evaluation.get(metric, 0))
 
 
+def _not_evaluated(rule: Rule, scope: str) -> Check:
+    """The failed check of a rule on an evaluation the report does not have."""
+    why = "the audit did not prune" if scope == "after" else "the model was not evaluated"
+    return Check(rule.text, False, None, _threshold_label(rule), f"no '{scope}' evaluation: {why}")
+
+
 def _evaluation_check(rule: Rule, report: Report, baseline: Report | None) -> Check:
     scope, evaluation = _evaluation(report, rule.scope)
     if evaluation is None:
-        why = "the audit did not prune" if scope == "after" else "the model was not evaluated"
-        return Check(
-            rule.text, False, None, _threshold_label(rule), f"no '{scope}' evaluation: {why}"
-        )
+        return _not_evaluated(rule, scope)
     observed = _evaluation_value(evaluation, rule.metric, rule.bound)
     base = None
     if rule.reference.kind == "before":
@@ -427,10 +430,7 @@ def _breakdowns(rule: Rule, evaluation: Report, scope: str, which: str = "report
 def _fairness_checks(rule: Rule, report: Report, baseline: Report | None) -> list[Check]:
     scope, evaluation = _evaluation(report, rule.scope)
     if evaluation is None:
-        why = "the audit did not prune" if scope == "after" else "the model was not evaluated"
-        return [
-            Check(rule.text, False, None, _threshold_label(rule), f"no '{scope}' evaluation: {why}")
-        ]
+        return [_not_evaluated(rule, scope)]
     counterparts: dict[tuple[str, ...], Report] = {}
     if rule.reference.kind == "before":
         before = report.get("before") or {}
